@@ -1,0 +1,1 @@
+"""Alembic migrations of the relay spool (installed as ``relay.migrations``)."""

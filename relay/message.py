@@ -1,0 +1,222 @@
+"""Message intake: turn submitted bytes into a validated :class:`NewMessage`.
+
+Pure functions, no I/O beyond reading an mbox file.  Policy (SPEC "Content"):
+line endings are normalised to CRLF; a line over 998 octets or a malformed
+address is refused with :class:`relay.errors.BadMessage` -- refused, never
+repaired into something else.  Without explicit recipients they come from
+To/Cc/Bcc (``sendmail -t``); Bcc header fields are always removed from what
+is stored for delivery, and everything else is kept byte for byte.
+"""
+
+from __future__ import annotations
+
+import mailbox
+import re
+from email.header import decode_header, make_header
+from email.parser import HeaderParser
+from email.policy import compat32
+from email.utils import getaddresses
+from typing import Iterable, Iterator, Sequence
+
+from relay.errors import BadMessage, InputNotFound
+from relay.model import NewMessage
+
+MAX_LINE = 998          # octets, without CRLF (RFC 5321 §4.5.3.1.6, RFC 5322 §2.1.1)
+MAX_LOCAL_PART = 64
+MAX_DOMAIN = 255
+MAX_PATH = 254          # 256 including the angle brackets
+MAX_RECIPIENTS = 10_000
+
+# RFC 5321 Mailbox, with RFC 6531 UTF-8 allowed in atoms and domain labels.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010FFFF]"
+_DOT_ATOM = rf"{_ATEXT}+(?:\.{_ATEXT}+)*"
+_QUOTED = r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010FFFF]|\\[\x20-\x7e])*"'
+_LABEL = r"(?:[A-Za-z0-9\u0080-\U0010FFFF](?:[A-Za-z0-9\-\u0080-\U0010FFFF]*[A-Za-z0-9\u0080-\U0010FFFF])?)"
+_DOMAIN = rf"{_LABEL}(?:\.{_LABEL})*"
+_LITERAL = r"\[(?:\d{1,3}(?:\.\d{1,3}){3}|IPv6:[0-9A-Fa-f:.]+)\]"
+_MAILBOX = re.compile(rf"(?:{_DOT_ATOM}|{_QUOTED})@(?:{_DOMAIN}|{_LITERAL})")
+_FORBIDDEN = re.compile(r"[\x00-\x1f\x7f<> ]")
+
+
+def validate_address(address: str, *, what: str = "address") -> str:
+    """Return ``address`` unchanged if it is a valid RFC 5321 mailbox, else raise BadMessage.
+
+    Surrounding angle brackets (``<a@b>``) are accepted and removed; nothing
+    else is ever changed.
+    """
+    if not isinstance(address, str):
+        raise BadMessage(f"The {what} {address!r} is not a string.")
+    text = address
+    if len(text) >= 2 and text[0] == "<" and text[-1] == ">":
+        text = text[1:-1]
+    if not text:
+        raise BadMessage(f"The {what} is empty.")
+    if _FORBIDDEN.search(text):
+        raise BadMessage(f"The {what} {address!r} contains a control character, space or angle bracket.")
+    if not _MAILBOX.fullmatch(text):
+        raise BadMessage(f"The {what} {address!r} is not a valid email address.")
+    local, _, domain = text.rpartition("@")
+    if len(local.encode()) > MAX_LOCAL_PART:
+        raise BadMessage(f"The {what} {address!r} has a local part over {MAX_LOCAL_PART} octets.")
+    if len(domain.encode()) > MAX_DOMAIN:
+        raise BadMessage(f"The {what} {address!r} has a domain over {MAX_DOMAIN} octets.")
+    if len(text.encode()) > MAX_PATH:
+        raise BadMessage(f"The {what} {address!r} is longer than {MAX_PATH} octets.")
+    return text
+
+
+def validate_sender(sender: str) -> str:
+    """An envelope sender: a valid mailbox, or ``"<>"``/``""`` for the null sender (returns ``""``)."""
+    if sender in ("<>", ""):
+        return ""
+    return validate_address(sender, what="sender address")
+
+
+def domain_of(address: str) -> str:
+    """The lower-cased domain of a validated address."""
+    return address.rpartition("@")[2].lower()
+
+
+def normalise_line_endings(raw: bytes) -> bytes:
+    """CRLF everywhere (bare LF and bare CR become CRLF), ending in CRLF; refuse long lines."""
+    if b"\r" in raw:
+        text = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    else:
+        text = raw
+    if not text.endswith(b"\n"):
+        text += b"\n"
+    if len(text) > MAX_LINE + 1:   # cheap pre-check: a short message cannot have a long line
+        start = 0
+        find = text.find
+        while True:
+            end = find(b"\n", start)
+            if end - start > MAX_LINE:
+                line_no = text.count(b"\n", 0, start) + 1
+                raise BadMessage(f"Line {line_no} of the message is {end - start} octets long; "
+                                 f"the limit is {MAX_LINE} (RFC 5322 §2.1.1).")
+            start = end + 1
+            if start >= len(text):
+                break
+    return text.replace(b"\n", b"\r\n")
+
+
+def _split_header(data: bytes) -> tuple[bytes, bytes]:
+    """Split CRLF data into (header block incl. its CRLFs, rest from the empty line on)."""
+    if data.startswith(b"\r\n"):
+        return b"", data
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        return data, b""
+    return data[: end + 2], data[end + 2:]
+
+
+def _strip_bcc(header: bytes) -> bytes:
+    """Remove every Bcc field (with its continuation lines) from a CRLF header block."""
+    if b"bcc" not in header.lower():
+        return header
+    out: list[bytes] = []
+    skipping = False
+    for line in header.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t"):          # continuation of the previous field
+            if not skipping:
+                out.append(line)
+            continue
+        skipping = re.match(rb"(?i)bcc[ \t]*:", line) is not None
+        if not skipping:
+            out.append(line)
+    return b"\r\n".join(out)
+
+
+def _decode(value: str | None) -> str | None:
+    """Decode RFC 2047 encoded words; keep the raw value if that fails."""
+    if value is None:
+        return None
+    try:
+        return str(make_header(decode_header(value))).strip()
+    except Exception:
+        return value.strip()
+
+
+def _header_addresses(values: Iterable[str], field: str) -> list[str]:
+    out: list[str] = []
+    for _name, addr in getaddresses(list(values)):
+        if not addr:
+            continue  # an empty group such as "undisclosed-recipients:;"
+        out.append(validate_address(addr, what=f"{field} address"))
+    return out
+
+
+def parse_message(raw: bytes, *, sender: str | None = None,
+                  recipients: Sequence[str] | None = None,
+                  idempotency_key: str | None = None) -> NewMessage:
+    """Validate one RFC 5322 message for the spool.
+
+    ``sender``: the envelope sender (``"<>"`` for the null sender); None takes
+    it from the From header.  ``recipients``: the envelope recipients; None or
+    empty takes them from To/Cc/Bcc.  Raises BadMessage for anything invalid.
+    """
+    if not raw.strip():
+        raise BadMessage("The message is empty.")
+    data = normalise_line_endings(raw)
+    header, body = _split_header(data)
+    parsed = HeaderParser(policy=compat32).parsestr(header.decode("utf-8", "surrogateescape"))
+    if parsed.defects and not header:
+        raise BadMessage("The message has no header.")
+
+    if sender is None:
+        froms = parsed.get_all("From") or []
+        addrs = [a for _n, a in getaddresses(froms) if a]
+        if not addrs:
+            raise BadMessage("The message has no From header and no --from was given.")
+        env_sender = validate_address(addrs[0], what="From address")
+    else:
+        env_sender = validate_sender(sender)
+
+    if recipients:
+        rcpts = [validate_address(r, what="recipient address") for r in recipients]
+    else:
+        rcpts = (_header_addresses(parsed.get_all("To") or [], "To")
+                 + _header_addresses(parsed.get_all("Cc") or [], "Cc")
+                 + _header_addresses(parsed.get_all("Bcc") or [], "Bcc"))
+    unique: list[str] = []
+    seen: set[str] = set()
+    for r in rcpts:
+        local, _, dom = r.rpartition("@")
+        k = f"{local}@{dom.lower()}"
+        if k not in seen:
+            seen.add(k)
+            unique.append(r)
+    if not unique:
+        raise BadMessage("The message has no recipient (no --to and no To, Cc or Bcc header).")
+    if len(unique) > MAX_RECIPIENTS:
+        raise BadMessage(f"The message has {len(unique)} recipients; the limit is {MAX_RECIPIENTS}.")
+
+    if idempotency_key is not None and (not idempotency_key or len(idempotency_key) > 255):
+        raise BadMessage("The idempotency key must be 1 to 255 characters long.")
+
+    stored = _strip_bcc(header) + body if "Bcc" in parsed or "bcc" in parsed else data
+    subject = _decode(parsed.get("Subject"))
+    message_id = parsed.get("Message-ID")
+    return NewMessage(
+        sender=env_sender,
+        recipients=tuple(unique),
+        data=stored,
+        subject=subject[:998] if subject else subject,
+        message_id=message_id.strip()[:998] if message_id else None,
+        idempotency_key=idempotency_key,
+    )
+
+
+def read_mbox(path: str) -> Iterator[bytes]:
+    """Yield the raw bytes of each message of an mbox file, in order."""
+    import os
+    if not os.path.exists(path):
+        raise InputNotFound(f"The mbox file {path} does not exist.")
+    if os.path.isdir(path):
+        raise InputNotFound(f"The mbox file {path} is a directory.")
+    box = mailbox.mbox(path, factory=None, create=False)
+    try:
+        for key in box.iterkeys():
+            yield box.get_bytes(key)
+    finally:
+        box.close()

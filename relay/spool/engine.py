@@ -1,0 +1,108 @@
+"""Engines for the two spool dialects, and the mapping of database errors.
+
+SQLite: WAL journal, ``synchronous=FULL`` (durable across power loss),
+foreign keys on, a busy timeout, and ``BEGIN IMMEDIATE`` for write
+transactions so that a writer waits for the lock up front instead of failing
+when it upgrades a read lock.  PostgreSQL: psycopg 3, pre-ping so a restarted
+server is reconnected to transparently.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Iterator
+
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.pool import NullPool
+
+from relay.config import redact_url
+from relay.errors import SpoolUnavailable
+
+
+def is_sqlite(url: str) -> bool:
+    return url.startswith("sqlite")
+
+
+def sqlite_path(url: str) -> str | None:
+    """The file of a ``sqlite:///PATH`` URL (None for in-memory)."""
+    db = make_url(url).database
+    return db if db and db != ":memory:" else None
+
+
+def create_spool_engine(url: str, *, busy_timeout: float = 5.0, pool_size: int = 5) -> Engine:
+    """An Engine for a spool URL, with the dialect's durability settings."""
+    if is_sqlite(url):
+        path = sqlite_path(url)
+        if path:
+            parent = os.path.dirname(os.path.abspath(path))
+            try:
+                os.makedirs(parent, exist_ok=True)
+            except OSError as e:
+                raise SpoolUnavailable(f"The spool directory {parent} cannot be created: {e.strerror}.") from None
+        engine = create_engine(
+            url,
+            connect_args={"timeout": busy_timeout, "check_same_thread": False},
+            pool_size=pool_size, max_overflow=pool_size,
+        )
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_connect(dbapi_conn, _record):  # pragma: no cover - exercised by every test
+            dbapi_conn.isolation_level = None      # we issue BEGIN ourselves
+            cur = dbapi_conn.cursor()
+            cur.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+            cur.execute("PRAGMA journal_mode = WAL")
+            cur.execute("PRAGMA synchronous = FULL")
+            cur.execute("PRAGMA foreign_keys = ON")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn):
+            mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
+            conn.exec_driver_sql(f"BEGIN {mode}")
+
+        return engine
+    return create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        connect_args={"connect_timeout": max(1, int(busy_timeout))},
+    )
+
+
+def write_options(dialect: str) -> dict:
+    """Execution options that start a write transaction on this dialect."""
+    return {"sqlite_begin": "IMMEDIATE"} if dialect == "sqlite" else {}
+
+
+def _sentence(url: str, exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", exc) or exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    low = text.lower()
+    where = redact_url(url)
+    if "locked" in low or "busy" in low:
+        return f"The spool {where} is locked by another process; try again."
+    if "disk is full" in low or "database or disk is full" in low or "no space" in low:
+        return f"The spool {where} is full (no space left); nothing was written."
+    if "readonly" in low or "read-only" in low:
+        return f"The spool {where} is read-only; nothing was written."
+    if "unable to open" in low:
+        return f"The spool {where} cannot be opened."
+    if "no such table" in low or ("relation" in low and "does not exist" in low):
+        return f"The spool {where} has no relay schema; run `relayctl db upgrade`."
+    return f"The spool {where} is unavailable: {text.rstrip('.')}."
+
+
+@contextmanager
+def spool_errors(url: str) -> Iterator[None]:
+    """Turn driver errors into SpoolUnavailable with one sentence."""
+    try:
+        yield
+    except IntegrityError:
+        raise
+    except (OperationalError, InterfaceError, DBAPIError) as e:
+        raise SpoolUnavailable(_sentence(url, e)) from e
+    except OSError as e:
+        raise SpoolUnavailable(f"The spool {redact_url(url)} is unavailable: {e.strerror or e}.") from e

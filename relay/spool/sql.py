@@ -1,0 +1,424 @@
+"""``SQLSpool``: the ISpool provider for SQLite and PostgreSQL.
+
+Every statement lives here.  The two dialects differ in two places only,
+both in :mod:`relay.spool.engine`: how a connection is set up (SQLite: WAL,
+``synchronous=FULL``, busy timeout, foreign keys) and how a write
+transaction starts (SQLite ``BEGIN IMMEDIATE``); plus ``FOR UPDATE SKIP
+LOCKED`` in the claim on PostgreSQL.
+
+Round trips are per batch: ``enqueue`` and ``record`` use executemany, and a
+claim is one ``UPDATE ... RETURNING`` plus one ``SELECT`` of the bodies.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import secrets
+import threading
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+from sqlalchemy import and_, bindparam, case, delete, exists, func, insert, or_, select, update
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import IntegrityError
+from zope.interface import implementer
+
+from relay.errors import MessageInFlight, SpoolUnavailable, UnknownMessage
+from relay.interfaces import ISpool
+from relay.message import domain_of
+from relay.model import (
+    Attempt,
+    ClaimedMessage,
+    ClaimedRecipient,
+    DomainCounts,
+    MessageInfo,
+    NewMessage,
+    Outcome,
+    RecipientInfo,
+    SpoolStatus,
+    State,
+)
+from relay.spool.engine import spool_errors, write_options
+from relay.spool.schema import attempts as A
+from relay.spool.schema import messages as M
+from relay.spool.schema import recipients as R
+
+_PENDING = (State.QUEUED.value, State.DEFERRED.value, State.INFLIGHT.value)
+_NOT_FINAL = _PENDING + (State.HELD.value,)
+_CHUNK = 900  # rows per IN (...) list: under SQLite's default variable limit
+
+_id_lock = threading.Lock()
+_id_counter = itertools.count(secrets.randbits(36))
+
+
+def new_queue_id(now: float | None = None) -> str:
+    """A 20-hex-digit queue id: milliseconds since the epoch, then a counter
+    that starts at a random value per process.  Sorts by queue time."""
+    ms = int((time.time() if now is None else now) * 1000)
+    with _id_lock:
+        n = next(_id_counter)
+    return f"{ms & 0xFFFFFFFFFFF:011X}{n & 0xFFFFFFFFF:09X}"
+
+
+def _chunks(seq: Sequence, size: int = _CHUNK) -> Iterator[Sequence]:
+    for i in range(0, len(seq), size):
+        yield seq[i:i + size]
+
+
+@implementer(ISpool)
+class SQLSpool:
+    """See :class:`relay.interfaces.ISpool`."""
+
+    def __init__(self, engine: Engine, url: str):
+        self.engine = engine
+        self.url = url
+        self.dialect = engine.dialect.name        # "sqlite" or "postgresql"
+        self._notify = self.dialect == "postgresql"
+
+    # -- plumbing -------------------------------------------------------
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        """A write transaction (``BEGIN IMMEDIATE`` on SQLite), errors mapped."""
+        with spool_errors(self.url):
+            with self.engine.connect() as conn:
+                conn = conn.execution_options(**write_options(self.dialect))
+                with conn.begin():
+                    yield conn
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        with spool_errors(self.url):
+            with self.engine.connect() as conn:
+                with conn.begin():
+                    yield conn
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def ping(self) -> None:
+        with self._read() as conn:
+            conn.execute(select(1)).scalar_one()
+
+    # -- enqueue --------------------------------------------------------
+
+    def enqueue(self, messages: Sequence[NewMessage], now: float) -> list[str]:
+        for attempt in range(3):
+            try:
+                with self._write() as conn:
+                    return self._insert(conn, messages, now)
+            except IntegrityError:
+                # Another enqueue committed the same idempotency key between
+                # our lookup and our insert: look again.
+                if attempt == 2:
+                    raise SpoolUnavailable("The spool refused the message because of a conflicting "
+                                           "idempotency key; try again.") from None
+        raise AssertionError("unreachable")
+
+    def _insert(self, conn: Connection, messages: Sequence[NewMessage], now: float) -> list[str]:
+        """Insert messages and recipients (executemany); return ids in input order."""
+        ids: list[str | None] = [None] * len(messages)
+        keys = [m.idempotency_key for m in messages if m.idempotency_key]
+        known: dict[str, str] = {}
+        for chunk in _chunks(keys):
+            rows = conn.execute(select(M.c.idempotency_key, M.c.id).where(M.c.idempotency_key.in_(chunk)))
+            known.update({k: i for k, i in rows})
+        message_rows: list[dict] = []
+        recipient_rows: list[dict] = []
+        for n, msg in enumerate(messages):
+            key = msg.idempotency_key
+            if key and key in known:
+                ids[n] = known[key]
+                continue
+            qid = new_queue_id(now)
+            if key:
+                known[key] = qid
+            ids[n] = qid
+            message_rows.append({
+                "id": qid, "sender": msg.sender, "size": msg.size, "eight_bit": msg.eight_bit,
+                "created_at": now, "subject": msg.subject, "message_id_header": msg.message_id,
+                "idempotency_key": key, "data": msg.data,
+            })
+            for pos, address in enumerate(msg.recipients):
+                recipient_rows.append({
+                    "message_id": qid, "position": pos, "address": address,
+                    "domain": domain_of(address), "state": State.QUEUED.value, "attempts": 0,
+                    "queued_at": now, "next_attempt_at": now, "updated_at": now,
+                })
+        if message_rows:
+            conn.execute(insert(M), message_rows)
+            conn.execute(insert(R), recipient_rows)
+            if self._notify:
+                conn.exec_driver_sql("NOTIFY relay_queue")
+        return ids  # type: ignore[return-value]
+
+    # -- claims ---------------------------------------------------------
+
+    def claim(self, node: str, now: float, lease: float, limit: int,
+              exclude_domains: Sequence[str] = ()) -> list[ClaimedMessage]:
+        expires = now + lease
+        due = (select(R.c.id)
+               .where(R.c.next_attempt_at <= now)
+               .order_by(R.c.next_attempt_at, R.c.id)
+               .limit(limit))
+        if exclude_domains:
+            due = due.where(R.c.domain.not_in(list(exclude_domains)))
+        if self.dialect == "postgresql":
+            due = due.with_for_update(skip_locked=True)
+        stmt = (update(R)
+                .where(R.c.id.in_(due.scalar_subquery()))
+                .values(state=State.INFLIGHT.value, lease_owner=node, lease_expires_at=expires,
+                        next_attempt_at=expires, updated_at=now)
+                .returning(R.c.id, R.c.message_id, R.c.address, R.c.domain, R.c.attempts,
+                           R.c.queued_at, R.c.position))
+        with self._write() as conn:
+            claimed = conn.execute(stmt).all()
+            if not claimed:
+                return []
+            by_message: dict[str, list] = defaultdict(list)
+            for row in claimed:
+                by_message[row.message_id].append(row)
+            bodies = {}
+            for chunk in _chunks(list(by_message)):
+                for row in conn.execute(select(M.c.id, M.c.sender, M.c.data, M.c.size, M.c.eight_bit,
+                                               M.c.created_at).where(M.c.id.in_(chunk))):
+                    bodies[row.id] = row
+        out = []
+        for qid, rows in by_message.items():
+            body = bodies.get(qid)
+            if body is None:   # deleted between statements: cannot happen inside one transaction
+                continue
+            rows.sort(key=lambda r: r.position)
+            out.append(ClaimedMessage(
+                id=qid, sender=body.sender, data=bytes(body.data), size=body.size,
+                eight_bit=bool(body.eight_bit), created_at=body.created_at,
+                recipients=tuple(ClaimedRecipient(id=r.id, message_id=qid, address=r.address,
+                                                  domain=r.domain, attempts=r.attempts,
+                                                  queued_at=r.queued_at) for r in rows)))
+        out.sort(key=lambda m: (m.created_at, m.id))
+        return out
+
+    def renew(self, node: str, now: float, lease: float,
+              recipient_ids: Sequence[int] | None = None) -> int:
+        expires = now + lease
+        stmt = (update(R)
+                .where(R.c.lease_owner == node, R.c.state == State.INFLIGHT.value)
+                .values(lease_expires_at=expires, next_attempt_at=expires))
+        with self._write() as conn:
+            if recipient_ids is None:
+                return conn.execute(stmt).rowcount
+            return sum(conn.execute(stmt.where(R.c.id.in_(chunk))).rowcount
+                       for chunk in _chunks(list(recipient_ids)))
+
+    def _unclaim_values(self, now: float) -> dict:
+        return dict(
+            state=case((R.c.attempts == 0, State.QUEUED.value), else_=State.DEFERRED.value),
+            lease_owner=None, lease_expires_at=None, next_attempt_at=now, updated_at=now)
+
+    def release(self, node: str, recipient_ids: Sequence[int], now: float) -> int:
+        if not recipient_ids:
+            return 0
+        stmt = (update(R)
+                .where(R.c.lease_owner == node, R.c.state == State.INFLIGHT.value)
+                .values(**self._unclaim_values(now)))
+        with self._write() as conn:
+            return sum(conn.execute(stmt.where(R.c.id.in_(chunk))).rowcount
+                       for chunk in _chunks(list(recipient_ids)))
+
+    def recover(self, node: str, now: float) -> int:
+        stmt = (update(R)
+                .where(R.c.lease_owner == node, R.c.state == State.INFLIGHT.value)
+                .values(**self._unclaim_values(now)))
+        with self._write() as conn:
+            return conn.execute(stmt).rowcount
+
+    # -- outcomes -------------------------------------------------------
+
+    def record(self, node: str, now: float, outcomes: Sequence[Outcome],
+               new_messages: Sequence[NewMessage] = ()) -> list[str]:
+        with self._write() as conn:
+            held: set[int] = set()
+            ids = [o.recipient_id for o in outcomes]
+            for chunk in _chunks(ids):
+                held.update(conn.execute(
+                    select(R.c.id).where(R.c.id.in_(chunk), R.c.lease_owner == node,
+                                         R.c.state == State.INFLIGHT.value)).scalars())
+            rows, history = [], []
+            for o in outcomes:
+                if o.recipient_id not in held:
+                    continue   # our lease lapsed and another node took it
+                if o.state not in (State.DELIVERED, State.DEFERRED, State.BOUNCED):
+                    raise ValueError(f"an outcome cannot set state {o.state}")
+                if o.state is State.DEFERRED and o.next_attempt_at is None:
+                    raise ValueError("a deferred outcome needs next_attempt_at")
+                rows.append({
+                    "b_id": o.recipient_id,
+                    "b_state": o.state.value,
+                    "b_inc": 1 if o.attempted else 0,
+                    "b_next": o.next_attempt_at if o.state is State.DEFERRED else None,
+                    "b_code": o.code,
+                    "b_response": o.response,
+                    "b_now": now,
+                })
+                if o.attempted:
+                    history.append({"recipient_id": o.recipient_id, "at": now, "host": o.host,
+                                    "code": o.code, "response": o.response})
+            if rows:
+                conn.execute(
+                    update(R).where(R.c.id == bindparam("b_id")).values(
+                        state=bindparam("b_state"),
+                        attempts=R.c.attempts + bindparam("b_inc"),
+                        next_attempt_at=bindparam("b_next"),
+                        last_code=func.coalesce(bindparam("b_code"), R.c.last_code),
+                        last_response=func.coalesce(bindparam("b_response"), R.c.last_response),
+                        lease_owner=None, lease_expires_at=None, updated_at=bindparam("b_now")),
+                    rows)
+            if history:
+                conn.execute(insert(A), history)
+            return self._insert(conn, new_messages, now) if new_messages else []
+
+    # -- inspection -----------------------------------------------------
+
+    def status(self, now: float) -> SpoolStatus:
+        with self._read() as conn:
+            n_messages = conn.execute(select(func.count()).select_from(M)).scalar_one()
+            counts = {s.value: 0 for s in State}
+            for state, n in conn.execute(select(R.c.state, func.count()).group_by(R.c.state)):
+                counts[state] = n
+            oldest = [conn.execute(select(func.min(R.c.queued_at)).where(R.c.state == s)).scalar()
+                      for s in _PENDING]
+            oldest = [o for o in oldest if o is not None]
+            next_at = conn.execute(select(func.min(R.c.next_attempt_at))
+                                   .where(R.c.state == State.DEFERRED.value)).scalar()
+            per_domain: dict[str, dict[str, int]] = defaultdict(dict)
+            for domain, state, n in conn.execute(
+                    select(R.c.domain, R.c.state, func.count())
+                    .where(R.c.state.in_(_PENDING)).group_by(R.c.domain, R.c.state)):
+                per_domain[domain][state] = n
+        domains = sorted((DomainCounts(domain=d, **c) for d, c in per_domain.items()),
+                         key=lambda d: (-(d.queued + d.deferred + d.inflight), d.domain))
+        return SpoolStatus(messages=n_messages, recipients=counts,
+                           oldest_pending_at=min(oldest) if oldest else None,
+                           next_attempt_at=next_at, domains=tuple(domains[:20]))
+
+    def list_messages(self, state: str | None = None, domain: str | None = None,
+                      limit: int | None = None) -> list[MessageInfo]:
+        states = [state] if state else list(_NOT_FINAL)
+        cond = [R.c.message_id == M.c.id, R.c.state.in_(states)]
+        if domain:
+            cond.append(R.c.domain == domain.lower().rstrip("."))
+        stmt = (select(M.c.id, M.c.sender, M.c.size, M.c.created_at, M.c.subject, M.c.message_id_header)
+                .where(exists().where(and_(*cond)))
+                .order_by(M.c.created_at, M.c.id))
+        if limit:
+            stmt = stmt.limit(limit)
+        with self._read() as conn:
+            msgs = conn.execute(stmt).all()
+            rcpts: dict[str, list] = defaultdict(list)
+            for chunk in _chunks([m.id for m in msgs]):
+                for r in conn.execute(select(R).where(R.c.message_id.in_(chunk))
+                                      .order_by(R.c.message_id, R.c.position)):
+                    rcpts[r.message_id].append(r)
+        return [MessageInfo(id=m.id, sender=m.sender, size=m.size, created_at=m.created_at,
+                            subject=m.subject, message_id=m.message_id_header,
+                            recipients=tuple(self._recipient_info(r, ()) for r in rcpts[m.id]))
+                for m in msgs]
+
+    @staticmethod
+    def _recipient_info(r, history) -> RecipientInfo:
+        return RecipientInfo(
+            address=r.address, domain=r.domain, state=State(r.state), attempts=r.attempts,
+            next_attempt_at=r.next_attempt_at if r.state in (State.QUEUED.value, State.DEFERRED.value) else None,
+            last_code=r.last_code, last_response=r.last_response, history=tuple(history))
+
+    def show(self, queue_id: str, include_data: bool = False) -> MessageInfo:
+        cols = [M.c.id, M.c.sender, M.c.size, M.c.created_at, M.c.subject, M.c.message_id_header]
+        if include_data:
+            cols.append(M.c.data)
+        with self._read() as conn:
+            m = conn.execute(select(*cols).where(M.c.id == queue_id)).first()
+            if m is None:
+                raise UnknownMessage(f"There is no message {queue_id} in the spool.")
+            rs = conn.execute(select(R).where(R.c.message_id == queue_id).order_by(R.c.position)).all()
+            history: dict[int, list[Attempt]] = defaultdict(list)
+            for a in conn.execute(select(A).where(A.c.recipient_id.in_([r.id for r in rs]))
+                                  .order_by(A.c.recipient_id, A.c.at, A.c.id)):
+                history[a.recipient_id].append(Attempt(at=a.at, host=a.host, code=a.code, response=a.response))
+        return MessageInfo(id=m.id, sender=m.sender, size=m.size, created_at=m.created_at,
+                           subject=m.subject, message_id=m.message_id_header,
+                           recipients=tuple(self._recipient_info(r, history[r.id]) for r in rs),
+                           data=bytes(m.data) if include_data else None)
+
+    # -- administration -------------------------------------------------
+
+    def _require(self, conn: Connection, queue_id: str) -> None:
+        if conn.execute(select(M.c.id).where(M.c.id == queue_id)).first() is None:
+            raise UnknownMessage(f"There is no message {queue_id} in the spool.")
+
+    def _refuse_in_flight(self, conn: Connection, queue_id: str, now: float, verb: str) -> None:
+        live = conn.execute(select(func.count()).where(
+            R.c.message_id == queue_id, R.c.state == State.INFLIGHT.value,
+            R.c.lease_expires_at > now)).scalar_one()
+        if live:
+            raise MessageInFlight(f"Message {queue_id} is being delivered right now, so it cannot be "
+                                  f"{verb}; try again in a moment.")
+
+    def retry(self, now: float, queue_id: str | None = None, domain: str | None = None) -> int:
+        stmt = (update(R).where(R.c.state.in_((State.QUEUED.value, State.DEFERRED.value)))
+                .values(next_attempt_at=now, updated_at=now))
+        if queue_id is not None:
+            stmt = stmt.where(R.c.message_id == queue_id)
+        if domain is not None:
+            stmt = stmt.where(R.c.domain == domain.lower().rstrip("."))
+        with self._write() as conn:
+            if queue_id is not None:
+                self._require(conn, queue_id)
+            n = conn.execute(stmt).rowcount
+            if n and self._notify:
+                conn.exec_driver_sql("NOTIFY relay_queue")
+            return n
+
+    def hold(self, queue_id: str, now: float) -> int:
+        with self._write() as conn:
+            self._require(conn, queue_id)
+            self._refuse_in_flight(conn, queue_id, now, "held")
+            return conn.execute(
+                update(R).where(R.c.message_id == queue_id, R.c.state.in_(_PENDING))
+                .values(state=State.HELD.value, next_attempt_at=None, lease_owner=None,
+                        lease_expires_at=None, updated_at=now)).rowcount
+
+    def release_held(self, queue_id: str, now: float) -> int:
+        with self._write() as conn:
+            self._require(conn, queue_id)
+            n = conn.execute(
+                update(R).where(R.c.message_id == queue_id, R.c.state == State.HELD.value)
+                .values(state=case((R.c.attempts == 0, State.QUEUED.value), else_=State.DEFERRED.value),
+                        next_attempt_at=now, updated_at=now)).rowcount
+            if n and self._notify:
+                conn.exec_driver_sql("NOTIFY relay_queue")
+            return n
+
+    def delete(self, queue_id: str, now: float) -> None:
+        with self._write() as conn:
+            self._require(conn, queue_id)
+            self._refuse_in_flight(conn, queue_id, now, "deleted")
+            rids = select(R.c.id).where(R.c.message_id == queue_id).scalar_subquery()
+            conn.execute(delete(A).where(A.c.recipient_id.in_(rids)))
+            conn.execute(delete(R).where(R.c.message_id == queue_id))
+            conn.execute(delete(M).where(M.c.id == queue_id))
+
+    def purge(self, older_than: float, now: float) -> int:
+        cutoff = now - older_than
+        unfinished = exists().where(R.c.message_id == M.c.id, R.c.state.in_(_NOT_FINAL))
+        victims = select(M.c.id).where(M.c.created_at < cutoff, ~unfinished)
+        with self._write() as conn:
+            ids = list(conn.execute(victims).scalars())
+            for chunk in _chunks(ids):
+                rids = select(R.c.id).where(R.c.message_id.in_(chunk)).scalar_subquery()
+                conn.execute(delete(A).where(A.c.recipient_id.in_(rids)))
+                conn.execute(delete(R).where(R.c.message_id.in_(chunk)))
+                conn.execute(delete(M).where(M.c.id.in_(chunk)))
+            return len(ids)
