@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import mailbox
 import re
+from email.errors import InvalidHeaderDefect
 from email.header import decode_header, make_header
 from email.parser import HeaderParser
 from email.policy import compat32
+from email.policy import default as _STRICT
 from email.utils import getaddresses
 from typing import Iterable, Iterator, Sequence
 
@@ -137,9 +139,29 @@ def _decode(value: str | None) -> str | None:
         return value.strip()
 
 
+def _check_address_list(value: str, field: str) -> None:
+    """Refuse a header that is not a valid RFC 5322 address list.
+
+    ``getaddresses`` (before Python 3.11.10/3.12.5, CVE-2023-27043) quietly
+    repairs malformed fields, e.g. ``bob@example.org<eve@example.net>`` into
+    two recipients; the strict header parser flags those as invalid.
+    """
+    unfolded = re.sub(r"\r\n|\r|\n", "", value)
+    try:
+        header = _STRICT.header_factory(field, unfolded)
+        invalid = any(isinstance(d, InvalidHeaderDefect) for d in header.defects)
+    except Exception:  # noqa: BLE001 - anything the parser cannot take is invalid
+        invalid = True
+    if invalid:
+        raise BadMessage(f"The {field} header {unfolded.strip()!r} is not a valid address list.")
+
+
 def _header_addresses(values: Iterable[str], field: str) -> list[str]:
     out: list[str] = []
-    for _name, addr in getaddresses(list(values)):
+    values = list(values)
+    for value in values:
+        _check_address_list(value, field)
+    for _name, addr in getaddresses(values):
         if not addr:
             continue  # an empty group such as "undisclosed-recipients:;"
         out.append(validate_address(addr, what=f"{field} address"))
@@ -165,6 +187,8 @@ def parse_message(raw: bytes, *, sender: str | None = None,
 
     if sender is None:
         froms = parsed.get_all("From") or []
+        for value in froms:
+            _check_address_list(value, "From")
         addrs = [a for _n, a in getaddresses(froms) if a]
         if not addrs:
             raise BadMessage("The message has no From header and no --from was given.")
