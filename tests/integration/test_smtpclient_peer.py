@@ -431,7 +431,9 @@ class AiosmtpdPeerTests(TestCase):
     def test_required_tls_with_platform_trust_honours_ssl_cert_file(self):
         """Without a trust_root, required mode uses the platform store, which SSL_CERT_FILE points at."""
         handler = self.start_peer(tls_context=server_ssl_context())
-        ca_file = self.mktemp()
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        ca_file = os.path.join(tmp.name, "ca.pem")
         with open(ca_file, "wb") as f:
             f.write(CERTS["ca"])
         old = os.environ.get("SSL_CERT_FILE")
