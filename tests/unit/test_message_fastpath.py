@@ -1,0 +1,190 @@
+"""The fast path for simple address lists in relay.message agrees with the full path.
+
+``_simple_addresses`` skips the strict header parser and ``getaddresses`` for
+the address lists nearly every message has.  It may only do so where both
+would have said the same: no defect, and exactly the same addresses in the
+same order.  These tests hold it to that on a table of cases, on random
+values (seeded; no extra dependency) and end to end through parse_message.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from email.utils import getaddresses
+
+from relay import message
+from relay.errors import BadMessage
+
+
+def full_path(values: list[str]) -> list[str] | None:
+    """What the strict parser and getaddresses decide: None (refused) or the addresses."""
+    try:
+        for value in values:
+            message._check_address_list(value, "To")
+    except BadMessage:
+        return None
+    return [addr for _name, addr in getaddresses(values) if addr]
+
+
+SIMPLE = [
+    "a@b.example",
+    "Customer 0 <user74606.0@example.net>",
+    '"Doe, John" <john.doe@example.com>, jane@example.org',
+    "<a@b.example>",
+    "  a@b.example  ,  B C <c@d.example>  ",
+    "x+tag@sub.example.co.uk",
+    "o'brien@example.ie",
+    "a@b.example,\r\n c@d.example",                  # folded
+    "Name\r\n\t<a@b.example>",                       # folded before the angle bracket
+    "Name\t<a@b.example>",
+    '"" <a@b.example>',
+    '"a;b:c" <x@y.example>',
+    '"Support (EU)" <help@example.eu>',
+    "a@-bad-.example",                               # valid list syntax; validate_address refuses it
+    "a@b",
+    "a@1.2.3.4",
+    "{x}|~`#$%&*/^_-!@example.org",
+    "A B C D <a@b.example>,E <e@f.example>",
+]
+
+NOT_SIMPLE = [
+    "bob@example.org<eve@example.net>",             # CVE-2023-27043: must reach the strict parser
+    "bob@example.org <eve@example.net>",
+    "undisclosed-recipients:;",
+    "Friends: a@b.example, c@d.example;",
+    "a@b.example (comment)",
+    "=?utf-8?q?J=C3=B6rg?= <j@b.example>",
+    '"=?utf-8?q?J=C3=B6rg?=" <j@b.example>',
+    "a=b@c.example",
+    "John Q. Public <j@b.example>",
+    '"a\\"b" <x@y.example>',
+    '"a@b" <x@y.example>',
+    '"<x@y.example>" <x@z.example>',
+    "a@b.example,",
+    "a@b.example, ",
+    "a@b.example,,c@d.example",
+    ", a@b.example",
+    "a@[192.0.2.1]",
+    '"quoted local"@example.com',
+    "jö@b.example",
+    "Jörg <j@b.example>",
+    "",
+    "   ",
+    "a@b.example c@d.example",
+    "<a@b.example",
+    "a@b.example>",
+    "< a@b.example >",
+    "a.@b.example",
+    ".a@b.example",
+    "a..b@c.example",
+    "a@b..example",
+    "a@.b",
+    "a@b.",
+    "Name <a@b.example> extra",
+    "a@b.example\r\nc@d.example",                   # a line break not followed by a blank
+    "a@b.exa\r\n mple",
+    "a\r@b.example",
+    '"Doe,\r\n John" <j@b.example>',              # getaddresses misreads a fold inside quotes
+]
+
+
+@pytest.mark.parametrize("value", SIMPLE)
+def test_simple_values_take_the_fast_path(value):
+    """A simple address list is recognised, with the addresses the full path finds."""
+    fast = message._simple_addresses([value])
+    assert fast is not None
+    assert fast == full_path([value])
+
+
+@pytest.mark.parametrize("value", NOT_SIMPLE)
+def test_other_values_take_the_full_path(value):
+    """Anything outside the simple grammar is left to the strict parser."""
+    assert message._simple_addresses([value]) is None
+
+
+def test_several_header_fields():
+    """Several To fields are one list, as getaddresses joins them; one odd field sends all to the full path."""
+    assert message._simple_addresses(SIMPLE[:3]) == full_path(SIMPLE[:3])
+    assert message._simple_addresses([SIMPLE[0], NOT_SIMPLE[0]]) is None
+    assert message._simple_addresses([]) == []
+
+
+_PIECES = ["a", "bc", "x.y", "@", "example", ".org", ".", "<", ">", ",", " ", "\t", "\r\n ", "\r\n",
+           '"', "Doe", "=?", "?=", "=", "?", "(", ")", ":", ";", "\\", "[", "]", "-", "'", "é", "+", "0"]
+
+
+def _simple_value(rng: random.Random) -> str:
+    atext = "abcXYZ019!#$%&'*+/^_`{|}~-"
+
+    def atom() -> str:
+        return "".join(rng.choice(atext) for _ in range(rng.randint(1, 6)))
+
+    def addr() -> str:
+        local = ".".join(atom() for _ in range(rng.randint(1, 3)))
+        domain = ".".join("".join(rng.choice("abz09-") for _ in range(rng.randint(1, 5)))
+                          for _ in range(rng.randint(1, 3)))
+        return f"{local}@{domain}"
+
+    def blank() -> str:
+        return rng.choice(["", "", " ", "  ", "\t", "\r\n "])
+
+    items = []
+    for _ in range(rng.randint(1, 4)):
+        kind = rng.randrange(3)
+        if kind == 0:
+            items.append(addr())
+        elif kind == 1:
+            name = rng.choice([" ".join(atom() for _ in range(rng.randint(1, 3))),
+                               '"' + "".join(rng.choice('abc ,;:()[].#0') for _ in range(rng.randint(0, 8))) + '"',
+                               ""])
+            items.append(f"{name}{blank() if name else ''}<{addr()}>")
+        else:
+            items.append(f"{blank()}{addr()}{blank()}")
+    value = ("," + blank()).join(items)
+    return value.replace("\r\n ", " ") if '"' in value else value   # see NOT_SIMPLE
+
+
+def test_random_simple_values_agree():
+    """Values generated from the simple grammar take the fast path and agree with the full path."""
+    rng = random.Random(20261121)
+    for _ in range(1500):
+        value = _simple_value(rng)
+        fast = message._simple_addresses([value])
+        assert fast is not None, value
+        assert fast == full_path([value]), value
+
+
+def test_random_values_never_disagree():
+    """On random strings of address-like pieces the fast path answers only where the full path agrees."""
+    rng = random.Random(5322)
+    answered = 0
+    for _ in range(6000):
+        value = "".join(rng.choice(_PIECES) for _ in range(rng.randint(1, 14)))
+        if rng.random() < 0.3:   # splice a piece into a simple list
+            base = _simple_value(rng)
+            cut = rng.randrange(len(base) + 1)
+            value = base[:cut] + rng.choice(_PIECES) + base[cut:]
+        fast = message._simple_addresses([value])
+        if fast is not None:
+            answered += 1
+            assert fast == full_path([value]), value
+    assert answered > 100   # the check above was not vacuous
+
+
+def _outcome(raw: bytes):
+    try:
+        return message.parse_message(raw)
+    except BadMessage as e:
+        return ("BadMessage", str(e))
+
+
+@pytest.mark.parametrize("to", SIMPLE + NOT_SIMPLE)
+@pytest.mark.parametrize("sender", ["App <app@example.com>", "app@example.com", "bob@example.org<eve@example.net>"])
+def test_parse_message_unchanged(monkeypatch, to, sender):
+    """parse_message returns (or refuses with) exactly the same with and without the fast path."""
+    raw = (f"From: {sender}\r\nTo: {to}\r\nCc: {SIMPLE[2]}\r\nSubject: x\r\n\r\nbody\r\n").encode()
+    fast = _outcome(raw)
+    monkeypatch.setattr(message, "_simple_addresses", lambda values: None)
+    assert fast == _outcome(raw)
