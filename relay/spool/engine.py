@@ -10,6 +10,8 @@ server is reconnected to transparently.
 from __future__ import annotations
 
 import os
+import sqlite3
+import time
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -53,7 +55,7 @@ def create_spool_engine(url: str, *, busy_timeout: float = 5.0, pool_size: int =
             dbapi_conn.isolation_level = None      # we issue BEGIN ourselves
             cur = dbapi_conn.cursor()
             cur.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
-            cur.execute("PRAGMA journal_mode = WAL")
+            _set_wal(cur, busy_timeout)
             cur.execute("PRAGMA synchronous = FULL")
             cur.execute("PRAGMA foreign_keys = ON")
             cur.close()
@@ -71,6 +73,24 @@ def create_spool_engine(url: str, *, busy_timeout: float = 5.0, pool_size: int =
         max_overflow=pool_size,
         connect_args={"connect_timeout": max(1, int(busy_timeout))},
     )
+
+
+def _set_wal(cursor, busy_timeout: float) -> None:
+    """``PRAGMA journal_mode = WAL``, retried while another connection holds the lock.
+
+    When two processes open a new spool file at once, both switch it to WAL
+    and SQLite answers "database is locked" at once, without the busy
+    handler (it would deadlock), so the wait is done here.
+    """
+    deadline = time.monotonic() + busy_timeout
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
 
 
 def write_options(dialect: str) -> dict:

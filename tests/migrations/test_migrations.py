@@ -13,7 +13,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -158,17 +157,20 @@ def test_ensure_schema_without_initialise(engine, spool_url):
     assert tables(engine) == set()
 
 
-def _open_in_threads(url: str, n: int) -> list:
-    results: list = [None] * n
+def _open_in_threads(urls: list[str], n: int) -> list:
+    """Open each database from ``n`` threads at once (one round per URL); "ok" or the error per thread."""
+    results: list = ["ok"] * n
     start = threading.Barrier(n)
 
     def opener(i: int) -> None:
-        start.wait()
-        try:
-            open_spool(url).close()
-            results[i] = "ok"
-        except BaseException as e:  # noqa: BLE001 - reported by the test
-            results[i] = e
+        for url in urls:
+            start.wait()
+            try:
+                open_spool(url).close()
+            except BaseException as e:  # noqa: BLE001 - reported by the test
+                results[i] = e
+                start.abort()
+                return
 
     threads = [threading.Thread(target=opener, args=(i,)) for i in range(n)]
     for t in threads:
@@ -178,40 +180,60 @@ def _open_in_threads(url: str, n: int) -> list:
     return results
 
 
+# A child opens one database per line it reads on stdin: the parent writes
+# "go" to every child at once, so their opens start together.
 _OPENER = """
-import os, sys, time
+import sys
 from relay.spool import open_spool
 print("ready", flush=True)
-while not os.path.exists(sys.argv[2]):
-    time.sleep(0.001)
-open_spool(sys.argv[1]).close()
-print("ok", flush=True)
+for url in sys.argv[1:]:
+    sys.stdin.readline()
+    open_spool(url).close()
+    print("ok", flush=True)
 """
 
 
-def _open_in_processes(url: str, n: int, tmp_path: Path) -> list:
-    go = tmp_path / "go"
-    procs = [subprocess.Popen([sys.executable, "-c", _OPENER, url, str(go)], cwd=REPO,
+def _open_in_processes(urls: list[str], n: int) -> list:
+    """Open each database from ``n`` processes at once (one round per URL); "ok" or stderr per process."""
+    procs = [subprocess.Popen([sys.executable, "-c", _OPENER, *urls], cwd=REPO, stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(n)]
-    for p in procs:
-        assert p.stdout.readline().strip() == "ready", p.stderr.read()
-    time.sleep(0.05)
-    go.touch()
-    results = []
-    for p in procs:
-        out, err = p.communicate(timeout=60)
-        results.append("ok" if p.returncode == 0 and out.strip() == "ok" else err)
-    return results
+    try:
+        for p in procs:
+            assert p.stdout.readline().strip() == "ready", p.communicate(timeout=60)[1]
+        for _url in urls:
+            for p in procs:
+                p.stdin.write("go\n")
+                p.stdin.flush()
+            if not all(p.stdout.readline().strip() == "ok" for p in procs):
+                break
+        results = []
+        for p in procs:
+            _out, err = p.communicate(timeout=60)
+            results.append("ok" if p.returncode == 0 else err)
+        return results
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
 
 
 @pytest.mark.parametrize("how", ["threads", "processes"])
-def test_concurrent_initialisation(engine, spool_url, tmp_path, how):
+def test_concurrent_initialisation(spool_url, tmp_path, how):
     """Two openers initialising the same empty database at once both succeed, with one schema."""
+    # The race is short, so SQLite gets several rounds, each on a new file.
+    urls = ([f"sqlite:///{tmp_path / f'spool{n}.db'}" for n in range(10)]
+            if spool_url.startswith("sqlite") else [spool_url])
     if how == "threads":
-        results = _open_in_threads(spool_url, 2)
+        results = _open_in_threads(urls, 2)
     else:
-        results = _open_in_processes(spool_url, 2, tmp_path)
+        results = _open_in_processes(urls, 2)
     assert results == ["ok", "ok"]
-    assert revision(engine) == migrate.head_revision()
-    assert schema_diff(engine) == []
+    for url in urls:
+        engine = create_spool_engine(url)
+        try:
+            assert revision(engine) == migrate.head_revision()
+            assert schema_diff(engine) == []
+        finally:
+            engine.dispose()
