@@ -1,0 +1,68 @@
+"""``relayd``: the relay daemon in the foreground, logging to stderr.
+
+SIGTERM or SIGINT stop it gracefully (SPEC "Graceful stop"): it stops
+claiming, lets transactions in progress finish, releases what it did not
+start and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from relay import __version__
+from relay.errors import RelayError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="relayd",
+        description="Deliver the relay spool: claim due recipients, look up MX hosts, "
+                    "deliver over SMTP, retry temporary failures and bounce permanent ones. "
+                    "Runs in the foreground and logs one line per recipient per attempt to stderr; "
+                    "SIGTERM or SIGINT stop it gracefully.")
+    p.add_argument("--config", metavar="PATH",
+                   help="configuration file (TOML); default $RELAY_CONFIG, else built-in defaults "
+                        "with an SQLite spool under $XDG_STATE_HOME/relay")
+    p.add_argument("--version", action="version", version=f"relayd {__version__}")
+    return p
+
+
+def _start_logging() -> None:
+    from twisted.logger import FilteringLogObserver, LogLevel, LogLevelFilterPredicate, globalLogBeginner
+    from twisted.logger import formatEventAsClassicLogText
+
+    def to_stderr(event):
+        text = formatEventAsClassicLogText(event, formatTime=lambda t: __import__("time").strftime(
+            "%Y-%m-%dT%H:%M:%S", __import__("time").localtime(t)))
+        if text:
+            sys.stderr.write(text)
+            sys.stderr.flush()
+
+    predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
+    globalLogBeginner.beginLoggingTo([FilteringLogObserver(to_stderr, [predicate])],
+                                     redirectStandardIO=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from relay.config import load_config
+    from relay.tap import build_service, describe
+
+    try:
+        config = load_config(args.config)
+        print(describe(config), file=sys.stderr, flush=True)
+        from twisted.internet import reactor
+        top = build_service(config, reactor)
+    except RelayError as e:
+        print(f"relayd: {e}", file=sys.stderr)
+        return e.exit_code
+    _start_logging()
+    reactor.callWhenRunning(top.startService)
+    reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
+    reactor.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
