@@ -84,7 +84,8 @@ class DrainService(service.Service):
 
     def __init__(self, *, config: Config, spool: DeferredSpool, router, reactor,
                  session_opener: Callable = open_session, rng: random.Random | None = None,
-                 trust_root=None, shutdown_timeout: float = 30.0, flush_delay: float = 0.005):
+                 trust_root=None, shutdown_timeout: float = 30.0, flush_delay: float = 0.005,
+                 metrics=None):
         self.config = config
         self.spool = spool
         self.router = router
@@ -94,6 +95,8 @@ class DrainService(service.Service):
         self.trust_root = trust_root
         self.shutdown_timeout = shutdown_timeout
         self.flush_delay = flush_delay
+        #: Receives outcome/connection events (relay.metrics.RelayMetrics); optional.
+        self.metrics = metrics
         self.node = config.node
         self.max_claimed = max(config.batch_size * 2, config.concurrency * 4)
         self.deep_backlog = max(config.batch_size // 2, config.per_domain_concurrency * 20)
@@ -118,7 +121,6 @@ class DrainService(service.Service):
 
     def startService(self) -> None:
         service.Service.startService(self)
-        self.spool.start()
         self._stopping = False
         d = self.spool.recover(self.node, self.reactor.seconds())
 
@@ -176,7 +178,6 @@ class DrainService(service.Service):
                 self._claimed.clear()
             except Exception:
                 log.failure("could not release {n} recipient(s); their leases will expire", n=len(self._claimed))
-        self.spool.stop()
 
     def wake(self) -> None:
         """Look for due mail now instead of at the next poll (new mail arrived)."""
@@ -295,6 +296,8 @@ class DrainService(service.Service):
         dest.sessions += 1
         dest.starting += 1
         self._connections += 1
+        if self.metrics is not None:
+            self.metrics.connection_opened()
         state = {"pulled": 0}
         d = defer.ensureDeferred(self._deliver(dest, state))
         self._sessions.add(d)
@@ -305,6 +308,8 @@ class DrainService(service.Service):
             if state["pulled"] == 0:
                 dest.starting -= 1
             self._connections -= 1
+            if self.metrics is not None:
+                self.metrics.connection_closed()
             if isinstance(result, Failure) and not result.check(defer.CancelledError):
                 log.failure("delivery to {key} failed unexpectedly", result, key=dest.key)
             self._dispatch()
@@ -451,6 +456,8 @@ class DrainService(service.Service):
                      attempts: int, state: State, code: int, text: str,
                      possible_duplicate: bool = False) -> None:
         self.stats[state.value] = self.stats.get(state.value, 0) + 1
+        if self.metrics is not None:
+            self.metrics.outcome(state, code, r.queued_at, now)
         log.info("{line}", line=logfmt.format_attempt(
             queue_id=qid, recipient=r.address, relay=relay_label, delay=max(0.0, now - r.queued_at),
             attempts=attempts, status=state, reply=replies.reply_line(code, text),

@@ -3,16 +3,22 @@
 ``relayd`` (relay.daemon), ``twist relay`` and ``twistd -n relay`` all come
 through here; this is the one place (with relay.daemon) that touches the
 global reactor.
+
+Start order: spool thread pool, drain, then the listeners.  Stop order is the
+reverse and *sequential* (``MultiService`` would stop its children all at
+once): listeners first (no new mail), then the drain (finish transactions,
+record, release), and the thread pool last, once nothing uses it.
 """
 
 from __future__ import annotations
 
 from twisted.application import service
+from twisted.internet import defer
 from twisted.python import usage
 
 from relay.config import Config, load_config, redact_url
 from relay.drain import DrainService
-from relay.routing import Router, make_resolver
+from relay.routing import Route, Router, make_resolver
 from relay.spool import open_spool
 from relay.spool.deferred import DeferredSpool
 
@@ -26,29 +32,49 @@ class Options(usage.Options):
     ]
 
 
-def build_service(config: Config, reactor=None, *, trust_root=None) -> service.MultiService:
+class RelayService(service.MultiService):
+    """relayd's services, started in order and stopped in reverse order, one after the other."""
+
+    def __init__(self, config: Config, spool: DeferredSpool):
+        service.MultiService.__init__(self)
+        self.config = config
+        self.spool = spool
+        self.drain: DrainService | None = None
+
+    def startService(self) -> None:
+        self.spool.start()
+        service.MultiService.startService(self)
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        service.Service.stopService(self)
+        for child in reversed(list(self)):
+            try:
+                yield defer.maybeDeferred(child.stopService)
+            except Exception:
+                from twisted.logger import Logger
+                Logger(namespace="relay").failure("stopping {name} failed", name=child.name)
+        self.spool.stop()
+
+
+def build_service(config: Config, reactor=None, *, trust_root=None) -> RelayService:
     """Every relayd service for ``config``: the drain (and, when configured,
     the submission listener and the metrics endpoint)."""
     if reactor is None:
         from twisted.internet import reactor as global_reactor
         reactor = global_reactor
-    top = service.MultiService()
     spool = open_spool(config.spool_url, busy_timeout=config.spool_busy_timeout)
-    deferred_spool = DeferredSpool(spool, reactor, threads=2)
+    deferred_spool = DeferredSpool(spool, reactor, threads=3)
+    top = RelayService(config, deferred_spool)
     resolver = make_resolver(config.nameservers, reactor)
-    router = Router(resolver=resolver, clock=reactor, routes=_routes(config), port=config.delivery_port)
+    routes = {domain: Route(host=r.host, port=r.port, tls=r.tls, username=r.username, password=r.password)
+              for domain, r in config.routes.items()}
+    router = Router(resolver=resolver, clock=reactor, routes=routes, port=config.delivery_port)
     drain = DrainService(config=config, spool=deferred_spool, router=router, reactor=reactor,
                          trust_root=trust_root)
     drain.setServiceParent(top)
-    top.drain = drain  # type: ignore[attr-defined]
-    top.config = config  # type: ignore[attr-defined]
+    top.drain = drain
     return top
-
-
-def _routes(config: Config):
-    from relay.routing import Route
-    return {domain: Route(host=r.host, port=r.port, tls=r.tls, username=r.username, password=r.password)
-            for domain, r in config.routes.items()}
 
 
 def describe(config: Config) -> str:
@@ -57,7 +83,7 @@ def describe(config: Config) -> str:
             f"spool {redact_url(config.spool_url)}")
 
 
-def makeService(options) -> service.MultiService:
+def makeService(options) -> RelayService:
     """IServiceMaker entry point for ``twist relay`` / ``twistd relay``."""
     from twisted.logger import Logger
     config = load_config(options["config"])
