@@ -113,6 +113,7 @@ class DrainService(service.Service):
         self._flush_call = None
         self._renewal: task.LoopingCall | None = None
         self._stopping = False
+        self._woken = False
         self._idle_waiters: list[defer.Deferred] = []
         #: Counters for metrics and tests.
         self.stats = {"delivered": 0, "deferred": 0, "bounced": 0, "connections": 0, "dsns": 0}
@@ -182,6 +183,9 @@ class DrainService(service.Service):
     def wake(self) -> None:
         """Look for due mail now instead of at the next poll (new mail arrived)."""
         if self._stopping or not self.running:
+            return
+        if self._claiming is not None:
+            self._woken = True        # claim again as soon as this claim is done
             return
         if self._poll_call is not None and self._poll_call.active():
             self._poll_call.cancel()
@@ -260,7 +264,8 @@ class DrainService(service.Service):
             dest.queue.extend(envelopes)
             dest.backlog += sum(len(e.recipients) for e in envelopes)
         self._dispatch()
-        if count >= limit and not self._stopping:
+        woken, self._woken = self._woken, False
+        if (count >= limit or woken) and not self._stopping:
             self._schedule_poll(0)       # more is due right now
         else:
             self._schedule_poll()

@@ -21,6 +21,7 @@ from relay.drain import DrainService
 from relay.routing import Route, Router, make_resolver
 from relay.spool import open_spool
 from relay.spool.deferred import DeferredSpool
+from relay.wakeup import build_wakeup_service
 
 
 class Options(usage.Options):
@@ -74,6 +75,9 @@ def build_service(config: Config, reactor=None, *, trust_root=None) -> RelayServ
                          trust_root=trust_root)
     drain.setServiceParent(top)
     top.drain = drain
+    wakeup = build_wakeup_service(config.spool_url, reactor, drain.wake)
+    if wakeup is not None:
+        wakeup.setServiceParent(top)
     return top
 
 

@@ -1,0 +1,139 @@
+"""Instant wake-ups: tell the drain that new mail was queued, from any process.
+
+* PostgreSQL: every enqueue (relayctl, the Python API, the submission
+  listener, DSNs) runs ``NOTIFY relay_queue`` in its transaction, so the
+  notification arrives at commit.  :class:`PostgresNotifyListener` keeps a
+  dedicated connection that LISTENs and re-LISTENs after a reconnect
+  (notifications sent while it was disconnected are lost, so it wakes the
+  drain once after every reconnect).
+* SQLite: :class:`SQLiteChangeWatcher` reads ``PRAGMA data_version`` on its
+  own connection every few milliseconds; it changes when another connection
+  commits, so a ``relayctl enqueue`` in another process is seen at once.
+
+Both block in a thread of their own (never the reactor thread, never the
+spool's pool) and report through ``reactor.callFromThread``.  Polling in the
+drain stays as the safety net.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from typing import Callable
+
+from sqlalchemy.engine import make_url
+from twisted.application import service
+from twisted.logger import Logger
+
+log = Logger(namespace="relay")
+
+CHANNEL = "relay_queue"
+
+
+class _WatcherThread(service.Service):
+    """A service running ``self._run(stop_event)`` in a daemon thread."""
+
+    def __init__(self, reactor, on_change: Callable[[], None]):
+        self.reactor = reactor
+        self.on_change = on_change
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _notify(self) -> None:
+        self.reactor.callFromThread(self.on_change)
+
+    def startService(self) -> None:
+        service.Service.startService(self)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._thread.start()
+
+    def stopService(self) -> None:
+        service.Service.stopService(self)
+        self._stop.set()     # the thread notices within one wait interval; it is a daemon thread
+
+    def _run(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+class PostgresNotifyListener(_WatcherThread):
+    """LISTEN on the spool's database and wake the drain on every NOTIFY."""
+
+    name = "pg-listen"
+
+    def __init__(self, url: str, reactor, on_change: Callable[[], None], *, wait: float = 1.0,
+                 retry_delay: float = 1.0):
+        super().__init__(reactor, on_change)
+        self.conninfo = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+        self.wait = wait
+        self.retry_delay = retry_delay
+        self.connected = threading.Event()
+
+    def _run(self) -> None:
+        import psycopg
+
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(self.conninfo, autocommit=True, connect_timeout=5) as conn:
+                    conn.execute(f"LISTEN {CHANNEL}")
+                    self.connected.set()
+                    if failures:
+                        self.reactor.callFromThread(log.info, "listening for new mail on PostgreSQL again")
+                    failures = 0
+                    self._notify()      # anything queued while we were not listening
+                    while not self._stop.is_set():
+                        for _ in conn.notifies(timeout=self.wait, stop_after=1):
+                            self._notify()
+                            break
+            except Exception as exc:  # noqa: BLE001 - any failure: reconnect
+                self.connected.clear()
+                if self._stop.is_set():
+                    return
+                failures += 1
+                if failures == 1:
+                    self.reactor.callFromThread(
+                        log.warn, "lost the PostgreSQL LISTEN connection ({error}); polling until it is back",
+                        error=str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+                self._stop.wait(min(30.0, self.retry_delay * failures))
+
+
+class SQLiteChangeWatcher(_WatcherThread):
+    """Watch an SQLite spool file for commits by other connections."""
+
+    name = "sqlite-watch"
+
+    def __init__(self, path: str, reactor, on_change: Callable[[], None], *, interval: float = 0.005):
+        super().__init__(reactor, on_change)
+        self.path = path
+        self.interval = interval
+
+    def _run(self) -> None:
+        conn = None
+        last = None
+        while not self._stop.is_set():
+            try:
+                if conn is None:
+                    conn = sqlite3.connect(self.path, timeout=1.0, check_same_thread=False)
+                version = conn.execute("PRAGMA data_version").fetchone()[0]
+                if last is not None and version != last:
+                    self._notify()
+                last = version
+            except sqlite3.Error:
+                if conn is not None:
+                    conn.close()
+                conn, last = None, None
+                time.sleep(0.5)
+            self._stop.wait(self.interval)
+        if conn is not None:
+            conn.close()
+
+
+def build_wakeup_service(url: str, reactor, on_change: Callable[[], None]) -> service.Service | None:
+    """The watcher for this spool's dialect (None for an in-memory SQLite spool)."""
+    if url.startswith("postgresql"):
+        return PostgresNotifyListener(url, reactor, on_change)
+    from relay.spool.engine import sqlite_path
+    path = sqlite_path(url)
+    return SQLiteChangeWatcher(path, reactor, on_change) if path else None
