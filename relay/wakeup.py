@@ -79,8 +79,8 @@ class PostgresNotifyListener(_WatcherThread):
                 with psycopg.connect(self.conninfo, autocommit=True, connect_timeout=5) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
                     self.connected.set()
-                    if failures:
-                        self.reactor.callFromThread(log.info, "listening for new mail on PostgreSQL again")
+                    self.reactor.callFromThread(log.info, "listening for new mail on PostgreSQL{again}",
+                                                again=" again" if failures else "")
                     failures = 0
                     self._notify()      # anything queued while we were not listening
                     while not self._stop.is_set():

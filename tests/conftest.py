@@ -39,7 +39,8 @@ def _pg_engine():
         _unavailable(_pg_state["error"])
     from sqlalchemy import create_engine, text
 
-    engine = create_engine(PG_SERVER_URL, connect_args={"connect_timeout": 3}, isolation_level="AUTOCOMMIT")
+    engine = create_engine(PG_SERVER_URL, connect_args={"connect_timeout": 3}, isolation_level="AUTOCOMMIT",
+                           pool_pre_ping=True)
     try:
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
