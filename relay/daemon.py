@@ -51,12 +51,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         config = load_config(args.config)
-        print(describe(config), file=sys.stderr, flush=True)
         from twisted.internet import reactor
         top = build_service(config, reactor)
     except RelayError as e:
+        # One sentence and the sysexits code; the sentence names the spool
+        # when it is the spool that failed, so no start-up line before it.
         print(f"relayd: {e}", file=sys.stderr)
         return e.exit_code
+    print(describe(config), file=sys.stderr, flush=True)
     _start_logging()
     reactor.callWhenRunning(top.startService)
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
