@@ -18,6 +18,7 @@ from twisted.python import usage
 
 from relay.config import Config, load_config, redact_url
 from relay.drain import DrainService
+from relay.metrics import RelayMetrics, build_metrics_service
 from relay.routing import Route, Router, make_resolver
 from relay.spool import open_spool
 from relay.spool.deferred import DeferredSpool
@@ -71,13 +72,17 @@ def build_service(config: Config, reactor=None, *, trust_root=None) -> RelayServ
     routes = {domain: Route(host=r.host, port=r.port, tls=r.tls, username=r.username, password=r.password)
               for domain, r in config.routes.items()}
     router = Router(resolver=resolver, clock=reactor, routes=routes, port=config.delivery_port)
+    metrics = RelayMetrics(max_lifetime=config.max_lifetime, clock=reactor)
     drain = DrainService(config=config, spool=deferred_spool, router=router, reactor=reactor,
-                         trust_root=trust_root)
+                         trust_root=trust_root, metrics=metrics)
     drain.setServiceParent(top)
     top.drain = drain
     wakeup = build_wakeup_service(config.spool_url, reactor, drain.wake)
     if wakeup is not None:
         wakeup.setServiceParent(top)
+    metrics_service = build_metrics_service(config, metrics, deferred_spool, reactor)
+    if metrics_service is not None:
+        metrics_service.setServiceParent(top)
     return top
 
 
