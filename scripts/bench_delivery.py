@@ -31,7 +31,7 @@ run is bounded by ``--timeout``.
 
     python scripts/bench_delivery.py                  # SQLite
     python scripts/bench_delivery.py --pg             # PostgreSQL
-    python scripts/bench_delivery.py --py-spy out.txt # relayd under py-spy record (raw format)
+    python scripts/bench_delivery.py --py-spy out.txt # profile relayd with py-spy (raw format)
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def run(args: argparse.Namespace, workdir: Path, url: str, command: str) -> dict
     engine = create_engine(url)
     result: dict = {"command": command, "messages": args.messages, "recipients": recipients,
                     "spool": "postgresql" if args.pg else "sqlite"}
-    relayd = None
+    relayd = spy = None
     try:
         with smtp_sink() as (sink, port, sink_cmd):
             config = workdir / "relayd.toml"
@@ -126,9 +126,6 @@ def run(args: argparse.Namespace, workdir: Path, url: str, command: str) -> dict
             env.pop("RELAY_CONFIG", None)
             env.pop("RELAY_SPOOL_URL", None)
             cmd = [sys.executable, "-m", "relay.daemon", "--config", str(config)]
-            if args.py_spy:
-                cmd = [shutil.which("py-spy") or "py-spy", "record", "-r", "250", "-f", "raw", "-o",
-                       str(Path(args.py_spy).resolve()), "--", *cmd]
             log_path = workdir / "relayd.log"
             result["relayd_command"] = " ".join(shlex.quote(c) for c in cmd)
             result["sink_command"] = " ".join(sink_cmd)
@@ -139,6 +136,13 @@ def run(args: argparse.Namespace, workdir: Path, url: str, command: str) -> dict
                 t_start = time.time()
                 relayd = subprocess.Popen(cmd, cwd=workdir, env=env, stdin=subprocess.DEVNULL,
                                           stdout=subprocess.DEVNULL, stderr=log)
+                if args.py_spy:
+                    # Attached to the running relayd; it writes FILE when relayd exits.
+                    spy_cmd = [shutil.which("py-spy") or "py-spy", "record", "--gil", "-r", "250", "-f", "raw",
+                               "-o", str(Path(args.py_spy).resolve()), "--pid", str(relayd.pid)]
+                    spy = subprocess.Popen(spy_cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                           stderr=subprocess.DEVNULL)
+                    result["py_spy_command"] = " ".join(spy_cmd)
                 count = select(func.count()).select_from(R).where(R.c.state == "delivered")
                 other = select(func.count()).select_from(R).where(R.c.state.in_(("deferred", "bounced")))
                 deadline = time.monotonic() + args.timeout
@@ -165,6 +169,12 @@ def run(args: argparse.Namespace, workdir: Path, url: str, command: str) -> dict
                 stop_process(relayd, grace=30)
                 code = relayd.returncode
                 relayd = None
+                if spy is not None:
+                    try:
+                        spy.wait(30)
+                    except subprocess.TimeoutExpired:
+                        stop_process(spy)
+                    spy = None
         with engine.connect() as conn:
             first, last = conn.execute(select(func.min(A.c.at), func.max(A.c.at))).one()
             in_first = conn.execute(select(func.count()).select_from(A).where(A.c.at == first)).scalar_one()
@@ -182,6 +192,8 @@ def run(args: argparse.Namespace, workdir: Path, url: str, command: str) -> dict
     finally:
         if relayd is not None:
             stop_process(relayd, grace=10)
+        if spy is not None:
+            stop_process(spy)
         engine.dispose()
 
 
@@ -211,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-raw", action="store_true", help="skip the raw ESMTPClient comparison")
     parser.add_argument("--timeout", type=float, default=300.0, help="give up after this many seconds (300)")
     parser.add_argument("--poll", type=float, default=0.05, help="how often to count delivered recipients (0.05 s)")
-    parser.add_argument("--py-spy", metavar="FILE", help="run relayd under `py-spy record -f raw -o FILE`")
+    parser.add_argument("--py-spy", metavar="FILE", help="attach `py-spy record --gil -f raw -o FILE` to relayd (samples the thread "
+                             "holding the GIL; slows relayd down)")
     parser.add_argument("--keep-log", metavar="FILE", help="copy relayd's log here")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = parser.parse_args(argv)
