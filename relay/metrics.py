@@ -67,12 +67,14 @@ the 5xx class (plus ``expired``), so the class is not a separate label.
 
 from __future__ import annotations
 
+import re
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import choose_encoder
 from twisted.application import service
 from twisted.internet import defer, task
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import resource, server
@@ -96,12 +98,13 @@ ENQUEUE_SOURCES = ("submission", "dsn")
 QUEUE_BUCKETS = (0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0,
                  12 * 3600.0, 86400.0, 2 * 86400.0, 5 * 86400.0)
 
-_EXPIRED_STATUS = "4.4.7"
+
+# RFC 3463: class "." subject "." detail, at the start of a reply's text.
+_ENHANCED = re.compile(r"\s*([245])\.(\d{1,3})\.(\d{1,3})(?!\d|\.\d)")
 
 
-def _reason_from_status(status: str, code: int) -> str | None:
-    """The reason for an RFC 3463 status ``X.Y.Z``; None for ``X.0.0`` (no enhanced code)."""
-    _klass, subject, detail = (int(part) for part in status.split("."))
+def _reason_from_status(subject: int, detail: int, code: int) -> str | None:
+    """The reason for an RFC 3463 status ``X.subject.detail``; None for ``X.0.0`` (says nothing)."""
     if subject == 0 and detail == 0:
         return None
     if subject == 4 and detail == 7:
@@ -141,12 +144,13 @@ def reason_class(state: State, code: int, text: str | None = None, *, age: float
     if state is State.BOUNCED and klass == 4:
         return "expired"
     if text:
-        status = replies.enhanced_status(code, text)
-        if status[1:] == _EXPIRED_STATUS[1:]:
-            return "expired"
-        found = _reason_from_status(status, code)
-        if found is not None:
-            return found
+        # The status's own class is not checked against the code's: the
+        # drain's expiry bounce is "554 4.4.7 ...".
+        match = _ENHANCED.match(text)
+        if match:
+            found = _reason_from_status(int(match[2]), int(match[3]), code)
+            if found is not None:
+                return found
     elif (state is State.BOUNCED and code == 554 and age is not None and max_lifetime is not None
           and age >= max_lifetime):
         return "expired"
@@ -399,7 +403,11 @@ class MetricsService(service.Service):
     # -- lifecycle ----------------------------------------------------------
 
     def startService(self) -> None:
-        self.listening = self.reactor.listenTCP(self.port, self.site, interface=self.host)
+        try:
+            self.listening = self.reactor.listenTCP(self.port, self.site, interface=self.host)
+        except CannotListenError as e:
+            raise RelayError(f"metrics.listen {self.host}:{self.port}: cannot listen "
+                             f"({e.socketError or e}).") from None
         service.Service.startService(self)
         log.info("metrics on http://{host}:{port}/metrics and /healthz", host=self.host,
                  port=self.listening.getHost().port)
