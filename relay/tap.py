@@ -22,6 +22,7 @@ from relay.metrics import RelayMetrics, build_metrics_service
 from relay.routing import Route, Router, make_resolver
 from relay.spool import open_spool
 from relay.spool.deferred import DeferredSpool
+from relay.submission import build_submission_service, check_submission_config
 from relay.wakeup import build_wakeup_service
 
 
@@ -65,6 +66,7 @@ def build_service(config: Config, reactor=None, *, trust_root=None) -> RelayServ
     if reactor is None:
         from twisted.internet import reactor as global_reactor
         reactor = global_reactor
+    check_submission_config(config)      # refuse an open relay before touching the spool
     spool = open_spool(config.spool_url, busy_timeout=config.spool_busy_timeout)
     deferred_spool = DeferredSpool(spool, reactor, threads=3)
     top = RelayService(config, deferred_spool)
@@ -80,6 +82,10 @@ def build_service(config: Config, reactor=None, *, trust_root=None) -> RelayServ
     wakeup = build_wakeup_service(config.spool_url, reactor, drain.wake)
     if wakeup is not None:
         wakeup.setServiceParent(top)
+    submission = build_submission_service(config, deferred_spool, reactor, on_enqueued=drain.wake,
+                                          metrics=metrics)
+    if submission is not None:
+        submission.setServiceParent(top)
     metrics_service = build_metrics_service(config, metrics, deferred_spool, reactor)
     if metrics_service is not None:
         metrics_service.setServiceParent(top)

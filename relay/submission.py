@@ -1,0 +1,759 @@
+"""The SMTP submission listener (``submission.listen``): mail in over ESMTP.
+
+Twisted's ``smtp.ESMTP`` server with relay's own ``IMessageDelivery`` (one
+per connection, or one per login when ``submission.users`` is set) and one
+``IMessage`` per SMTP transaction.  SPEC "Submission listener":
+
+* ESMTP with SIZE, 8BITMIME, PIPELINING and, when users are configured,
+  AUTH PLAIN/LOGIN through ``twisted.cred`` (required before MAIL from every
+  client, loopback included).  Without users only loopback clients are served
+  (others get 554 and are disconnected), and a non-loopback listen address
+  is refused at build time (:data:`OPEN_RELAY`).
+* Addresses are checked with :mod:`relay.message` rules and refused, never
+  repaired: command syntax -> 501, an address the rules refuse -> 553.
+  (Twisted's own ``smtp.Address`` is not used for that: it adds a default
+  domain to ``<user>``, strips source routes and cannot parse address
+  literals, so MAIL and RCPT are parsed here.)
+* Oversize -> 552 (at MAIL with ``SIZE=``, or at the final dot after counting
+  the data, which is discarded); content the rules refuse (a line over 998
+  octets, bad headers...) -> 554 5.6.0 with the sentence.
+* 250 after DATA only once the message is committed.  Messages that finish
+  DATA while a commit is running wait for the next one, which takes them all
+  in ONE ``spool.enqueue`` transaction (:class:`GroupCommitter`); at most one
+  commit is in flight.  Spool trouble -> 451 4.3.0 (452 4.3.1 when full).
+
+Pipelining: Twisted's server handles commands in order, but it would go on
+reading commands while a commit runs, so a ``QUIT`` or ``MAIL`` pipelined
+after the final dot would be answered before the message's 250.  Input is
+therefore held (and the socket paused) from the final dot until its reply is
+sent, then replayed.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import ipaddress
+import re
+from collections import deque
+from dataclasses import dataclass, field, replace
+from email.utils import formatdate
+from typing import Callable, Mapping
+
+from twisted.application import service
+from twisted.application.internet import StreamServerEndpointService
+from twisted.cred import credentials as cred_credentials
+from twisted.cred import error as cred_error
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.portal import IRealm, Portal
+from twisted.internet import defer, endpoints, protocol
+from twisted.logger import Logger
+from twisted.mail import smtp
+from twisted.mail.imap4 import LOGINCredentials, PLAINCredentials
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from relay.config import Config, parse_hostport
+from relay.errors import BadMessage, ConfigError, SpoolUnavailable
+from relay.message import parse_message, validate_address, validate_sender
+from relay.model import NewMessage
+
+log = Logger(namespace="relay.submission")
+
+OPEN_RELAY = ("submission.listen is not a loopback address and submission.users is empty; "
+              "refusing to run an open relay.")
+
+#: Most messages one commit (one spool transaction) takes.
+MAX_BATCH = 500
+#: Most message bytes one commit takes (a batch always has at least one message).
+MAX_BATCH_BYTES = 64 * 1024 * 1024
+#: Most recipients of one transaction (RFC 5321 §4.5.3.1.8 asks for at least 100).
+MAX_RECIPIENTS = 1000
+#: Idle timeout of a session, seconds (RFC 5321 §4.5.3.2.7: server timeout 5 minutes).
+SESSION_TIMEOUT = 300
+
+_MAIL_RE = re.compile(rb"FROM:[ \t]*<(?P<path>[^<>]*)>(?P<params>(?:[ \t]+.*)?)\Z", re.I | re.S)
+_RCPT_RE = re.compile(rb"TO:[ \t]*<(?P<path>[^<>]*)>(?P<params>(?:[ \t]+.*)?)\Z", re.I | re.S)
+_PARAM_RE = re.compile(rb"(?P<key>[A-Za-z0-9][A-Za-z0-9-]*)(?:=(?P<value>[\x21-\x3c\x3e-\x7e]+))?\Z")
+_HELO_UNSAFE = re.compile(r"[^\x21-\x7e]|[()\\]")
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and ::ffff:127.x.y.z (a textual IP address)."""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def _reply(text: str) -> bytes:
+    """One reply line from a sentence: ASCII, no CR/LF (a sentence may quote client input)."""
+    return re.sub(r"[\r\n]+", " ", text).encode("ascii", "backslashreplace")
+
+
+# -- group commit ---------------------------------------------------------
+
+class GroupCommitter:
+    """Commits accepted messages to the spool, many sessions per transaction.
+
+    ``submit`` returns a Deferred that fires with the queue id once the
+    message is committed (or fails with the spool's error).  When no commit
+    is running a message is committed at once; messages submitted while one
+    runs are taken together by the next (at most ``max_batch`` messages /
+    ``max_batch_bytes``), so there is never more than one commit in flight.
+    """
+
+    def __init__(self, spool, clock, *, on_committed: Callable[[int], None] = lambda n: None,
+                 max_batch: int = MAX_BATCH, max_batch_bytes: int = MAX_BATCH_BYTES):
+        self._spool = spool
+        self._clock = clock
+        self._on_committed = on_committed
+        self._max_batch = max_batch
+        self._max_bytes = max_batch_bytes
+        self._pending: deque[tuple[NewMessage, defer.Deferred]] = deque()
+        self._inflight = False
+        self._idle: list[defer.Deferred] = []
+        #: Commits (spool transactions) started so far.
+        self.commits = 0
+
+    def submit(self, message: NewMessage) -> "defer.Deferred[str]":
+        d: defer.Deferred = defer.Deferred()
+        self._pending.append((message, d))
+        self._next()
+        return d
+
+    def withdraw(self, d: defer.Deferred) -> bool:
+        """Drop a submitted message whose commit has not started; True if it was dropped."""
+        for entry in self._pending:
+            if entry[1] is d:
+                self._pending.remove(entry)
+                self._check_idle()
+                return True
+        return False
+
+    def idle(self) -> defer.Deferred:
+        """A Deferred that fires once nothing is pending or being committed."""
+        d: defer.Deferred = defer.Deferred()
+        self._idle.append(d)
+        self._check_idle()
+        return d
+
+    def _check_idle(self) -> None:
+        if not self._inflight and not self._pending:
+            waiters, self._idle = self._idle, []
+            for d in waiters:
+                d.callback(None)
+
+    def _next(self) -> None:
+        if not self._inflight and self._pending:
+            self._start()
+
+    def _start(self) -> None:
+        batch: list[tuple[NewMessage, defer.Deferred]] = []
+        size = 0
+        while self._pending and len(batch) < self._max_batch:
+            message = self._pending[0][0]
+            if batch and size + message.size > self._max_bytes:
+                break
+            batch.append(self._pending.popleft())
+            size += message.size
+        self._inflight = True
+        self.commits += 1
+        try:
+            d = self._spool.enqueue([m for m, _ in batch], self._clock.seconds())
+        except Exception:  # noqa: BLE001 - a synchronous failure is reported like an asynchronous one
+            d = defer.fail()
+        d.addBoth(self._done, batch)
+
+    def _done(self, result, batch: list[tuple[NewMessage, defer.Deferred]]) -> None:
+        self._inflight = False
+        # Start the next commit (the messages that arrived meanwhile) before
+        # answering this one's sessions.
+        self._next()
+        if isinstance(result, Failure):
+            if not result.check(SpoolUnavailable):
+                log.failure("committing {n} submitted message(s) failed", result, n=len(batch))
+            for _, d in batch:
+                d.errback(result)
+        else:
+            try:
+                self._on_committed(len(batch))
+            except Exception:  # noqa: BLE001 - never lose the 250s over a hook
+                log.failure("after-commit hook failed")
+            for (_, d), qid in zip(batch, result):
+                d.callback(qid)
+        self._check_idle()
+        return None
+
+
+# -- envelope, delivery, message -------------------------------------------
+
+@dataclass(frozen=True)
+class Path:
+    """A validated envelope address (``""`` is the null sender).
+
+    Passed to ``validateFrom`` / ``validateTo`` in place of ``smtp.Address``
+    (same ``local``/``domain``/``str()``), keeping the text exactly as given.
+    """
+
+    address: str
+
+    @property
+    def local(self) -> bytes:
+        return self.address.rpartition("@")[0].encode()
+
+    @property
+    def domain(self) -> bytes:
+        return self.address.rpartition("@")[2].encode()
+
+    def __str__(self) -> str:
+        return self.address
+
+    def __bytes__(self) -> bytes:
+        return self.address.encode()
+
+
+@dataclass(frozen=True)
+class Recipient:
+    """What ``validateTo`` gets: like ``smtp.User`` (``dest``, ``helo``, ``protocol``, ``orig``)."""
+
+    dest: Path
+    helo: tuple
+    protocol: "SubmissionProtocol"
+    orig: Path
+
+    def __str__(self) -> str:
+        return self.dest.address
+
+
+@dataclass
+class Transaction:
+    """One MAIL ... DATA transaction of a session."""
+
+    sender: str
+    recipients: list[str] = field(default_factory=list)
+    received: bytes = b""
+
+
+@dataclass
+class _Settings:
+    """What every session of one listener shares."""
+
+    hostname: str
+    max_size: int
+    committer: GroupCommitter
+    requires_auth: bool
+    sessions: set = field(default_factory=set)
+
+
+@implementer(smtp.IMessageDelivery)
+class SubmissionDelivery:
+    """Accepts any valid envelope (address rules were applied by the protocol)."""
+
+    def __init__(self, settings: _Settings, user: str | None = None):
+        self.settings = settings
+        self.user = user
+        self.transaction: Transaction | None = None
+
+    def validateFrom(self, helo, origin: Path) -> Path:
+        self.transaction = Transaction(sender=origin.address)
+        return origin
+
+    def validateTo(self, user: Recipient) -> Callable[[], "SubmittedMessage"]:
+        txn = self.transaction
+        if txn is None:
+            raise smtp.SMTPBadRcpt(str(user), 503, "5.5.1 Need MAIL before RCPT")
+        txn.recipients.append(user.dest.address)
+        settings, proto = self.settings, user.protocol
+        return lambda: SubmittedMessage(settings, txn, proto)
+
+    def receivedHeader(self, helo, origin, recipients) -> None:
+        """Build the transaction's ``Received:`` field and keep it with the transaction.
+
+        It is returned as None so that Twisted does not feed it through
+        ``IMessage.lineReceived`` (where it would count against SIZE and
+        shift the line numbers of error messages); the message prepends it.
+        """
+        txn = self.transaction
+        if txn is None:
+            return None
+        proto = recipients[0].protocol if recipients else None
+        with_ = "ESMTPA" if proto is not None and proto.authenticated else (
+            "ESMTP" if proto is not None and proto.esmtp else "SMTP")
+        helo_arg = (helo[0] or b"").decode("ascii", "replace")
+        helo_arg = _HELO_UNSAFE.sub("?", helo_arg)[:255] or "unknown"
+        ip = helo[1].decode("ascii", "replace") if isinstance(helo[1], bytes) else str(helo[1])
+        for_ = f"\r\n\tfor <{txn.recipients[0]}>" if len(txn.recipients) == 1 else ""
+        txn.received = (f"Received: from {helo_arg} ([{ip}])\r\n"
+                        f"\tby {self.settings.hostname} (relay) with {with_}{for_};\r\n"
+                        f"\t{formatdate(localtime=True)}\r\n").encode("ascii", "replace")
+        return None
+
+
+@implementer(smtp.IMessage)
+class SubmittedMessage:
+    """The data of one transaction: counted, collected, validated and committed at the dot."""
+
+    def __init__(self, settings: _Settings, txn: Transaction, proto: "SubmissionProtocol"):
+        self.settings = settings
+        self.txn = txn
+        self.proto = proto
+        self.lines: list[bytes] | None = []
+        self.size = 0
+
+    def lineReceived(self, line: bytes) -> None:
+        if self.lines is None:
+            return
+        self.size += len(line) + 2
+        limit = self.settings.max_size
+        if limit and self.size > limit:
+            self.lines = None
+            raise smtp.SMTPServerError(552, _reply(
+                f"5.3.4 The message is larger than the limit of {limit} octets; nothing was queued."))
+        self.lines.append(line)
+
+    def eomReceived(self) -> "defer.Deferred[str]":
+        lines, self.lines = self.lines, None
+        if lines is None:
+            return defer.fail(smtp.SMTPServerError(451, b"4.3.0 The message was discarded; try again."))
+        raw = b"\r\n".join(lines) + b"\r\n" if lines else b""
+        try:
+            message = parse_message(raw, sender=self.txn.sender or "<>", recipients=self.txn.recipients)
+        except BadMessage as e:
+            return defer.fail(smtp.SMTPServerError(554, _reply(f"5.6.0 {e}")))
+        message = replace(message, data=self.txn.received + message.data)
+        d = self.settings.committer.submit(message)
+        self.proto.commitStarted(d)
+        return d.addErrback(_spool_error)
+
+    def connectionLost(self) -> None:
+        self.lines = None
+
+
+def _spool_error(failure: Failure):
+    """A failed commit as the SMTP reply for the end of DATA."""
+    if failure.check(SpoolUnavailable):
+        sentence = str(failure.value)
+        log.warn("submission refused, spool trouble: {sentence}", sentence=sentence)
+        if " full" in sentence.lower():
+            raise smtp.SMTPServerError(452, b"4.3.1 The queue is full; nothing was queued, try again later.")
+        raise smtp.SMTPServerError(451, b"4.3.0 The queue is unavailable; nothing was queued, try again later.")
+    if failure.check(defer.CancelledError):
+        raise smtp.SMTPServerError(451, b"4.3.0 Nothing was queued.")
+    raise smtp.SMTPServerError(451, b"4.3.0 Local error; nothing was queued, try again later.")
+
+
+# -- AUTH ------------------------------------------------------------------
+
+@implementer(ICredentialsChecker)
+class UsersChecker:
+    """``submission.users`` (name -> password), compared in constant time."""
+
+    credentialInterfaces = (cred_credentials.IUsernamePassword,)
+
+    def __init__(self, users: Mapping[str, str]):
+        self._users = {name.encode(): password.encode() for name, password in users.items()}
+
+    def requestAvatarId(self, creds):
+        name = creds.username if isinstance(creds.username, bytes) else str(creds.username or "").encode()
+        given = creds.password if isinstance(creds.password, bytes) else str(creds.password or "").encode()
+        expected = self._users.get(name)
+        if expected is not None and hmac.compare_digest(expected, given):
+            return defer.succeed(name.decode("utf-8", "replace"))
+        return defer.fail(cred_error.UnauthorizedLogin())
+
+
+@implementer(IRealm)
+class SubmissionRealm:
+    """A fresh ``SubmissionDelivery`` per login."""
+
+    def __init__(self, settings: _Settings):
+        self.settings = settings
+
+    def requestAvatar(self, avatarId, mind, *interfaces):
+        if smtp.IMessageDelivery in interfaces:
+            return smtp.IMessageDelivery, SubmissionDelivery(self.settings, avatarId), lambda: None
+        raise NotImplementedError("only IMessageDelivery is offered")
+
+
+# -- the protocol ------------------------------------------------------------
+
+class SubmissionProtocol(smtp.ESMTP):
+    """``smtp.ESMTP`` with relay's envelope rules, SIZE/8BITMIME/PIPELINING and held input."""
+
+    timeout = SESSION_TIMEOUT
+    noisy = False
+
+    def __init__(self, settings: _Settings, challengers):
+        smtp.ESMTP.__init__(self, challengers)
+        self.settings = settings
+        self.host = settings.hostname
+        self.esmtp = False
+        self._held: deque[bytes] = deque()
+        self._holding = False
+        self._closed = False
+        self._refused = False
+        self._commit: defer.Deferred | None = None
+
+    # connection ----------------------------------------------------------
+    def connectionMade(self):
+        peer = self.transport.getPeer()
+        if not self.settings.requires_auth and not is_loopback(getattr(peer, "host", "")):
+            self._refused = True
+            self.sendCode(554, b"5.7.1 This relay serves loopback clients only.")
+            self.transport.loseConnection()
+            return
+        smtp.ESMTP.connectionMade(self)
+        self.settings.sessions.add(self)
+
+    def connectionLost(self, reason):
+        self._closed = True
+        self.settings.sessions.discard(self)
+        if self._commit is not None:
+            # The client will not see a reply: do not queue what it will send again.
+            self.settings.committer.withdraw(self._commit)
+            self._commit = None
+        self._held.clear()
+        smtp.ESMTP.connectionLost(self, reason)
+
+    def greeting(self):
+        return self.host + b" ESMTP relay"
+
+    def extensions(self):
+        ext = {b"PIPELINING": None, b"8BITMIME": None,
+               b"SIZE": [str(self.settings.max_size).encode()]}
+        ext.update(smtp.ESMTP.extensions(self))   # AUTH (empty list: not shown), STARTTLS if ever
+        return ext
+
+    def shutdown(self) -> None:
+        """The listener stops: say 421 and close (mail not yet answered is not queued)."""
+        if self._closed or self._holding:
+            return
+        self._closed = True
+        self.sendCode(421, self.host + b" 4.3.2 Service shutting down; try again later.")
+        self.transport.loseConnection()
+
+    # input -----------------------------------------------------------------
+    def lineReceived(self, line):
+        if self._refused:
+            return None
+        if self._holding:
+            self._held.append(line)
+            return None
+        return smtp.ESMTP.lineReceived(self, line)
+
+    def lineLengthExceeded(self, line):
+        if self.mode == smtp.DATA:
+            self.sendCode(500, b"5.6.0 A line of the message is too long; nothing was queued.")
+        else:
+            self.sendCode(500, b"5.5.2 Line too long.")
+        # Resynchronising with the client after a cut line is guesswork (the
+        # rest of it would be read as commands): close the connection.  The
+        # message, if any, is discarded by connectionLost.
+        self._buffer = b""
+        self.transport.loseConnection()
+
+    def lookupMethod(self, command):
+        try:
+            return smtp.ESMTP.lookupMethod(self, command)
+        except UnicodeError:
+            return None
+
+    @property
+    def holding(self) -> bool:
+        """True from the final dot until its reply is sent."""
+        return self._holding and not self._closed
+
+    def _hold(self) -> None:
+        """Stop acting on input until the reply to the final dot is sent."""
+        self._holding = True
+        self.setTimeout(None)
+        self.transport.pauseProducing()
+
+    def _release(self) -> None:
+        self._holding = False
+        if self._closed:
+            return
+        self.setTimeout(self.timeout)
+        self.transport.resumeProducing()
+        while self._held and not self._holding and not self._closed and not self.transport.disconnecting:
+            smtp.ESMTP.lineReceived(self, self._held.popleft())
+
+    def commitStarted(self, d: defer.Deferred) -> None:
+        self._commit = d
+
+    # commands --------------------------------------------------------------
+    def do_HELO(self, rest):
+        self.esmtp = False
+        smtp.ESMTP.do_HELO(self, rest)
+
+    def do_EHLO(self, rest):
+        self.esmtp = True
+        smtp.ESMTP.do_EHLO(self, rest)
+
+    def do_NOOP(self, rest):
+        self.sendCode(250, b"2.0.0 Ok")
+
+    def do_VRFY(self, rest):
+        self.sendCode(252, b"2.5.0 Cannot VRFY user; send mail and it will be tried")
+
+    def do_MAIL(self, rest):
+        if self.settings.requires_auth and not self.authenticated:
+            self.sendCode(530, b"5.7.0 Authentication required.")
+            return
+        if self._from is not None:
+            self.sendCode(503, b"5.5.1 Sender already given; send RSET first.")
+            return
+        m = _MAIL_RE.match(rest)
+        if not m:
+            self.sendCode(501, b"5.5.2 Syntax: MAIL FROM:<address> [SIZE=n] [BODY=7BIT|8BITMIME]")
+            return
+        try:
+            params = _params(m.group("params"))
+        except ValueError as e:
+            self.sendCode(501, _reply(f"5.5.4 {e}"))
+            return
+        for key, value in params:
+            if key == "SIZE":
+                if value is None or not value.isdigit() or len(value) > 20:
+                    self.sendCode(501, b"5.5.4 SIZE needs a number of octets.")
+                    return
+                limit = self.settings.max_size
+                if limit and int(value) > limit:
+                    self.sendCode(552, _reply(f"5.3.4 The message is larger than the limit of "
+                                              f"{limit} octets."))
+                    return
+            elif key == "BODY":
+                if (value or "").upper() not in ("7BIT", "8BITMIME"):
+                    self.sendCode(501, b"5.5.4 BODY must be 7BIT or 8BITMIME.")
+                    return
+            elif key == "AUTH":    # RFC 4954 §5: accepted, not used
+                continue
+            else:
+                self.sendCode(555, _reply(f"5.5.4 The MAIL parameter {key} is not supported."))
+                return
+        text = _ascii_path(m.group("path"))
+        if text is None:
+            self.sendCode(553, b"5.6.7 Non-ASCII addresses need SMTPUTF8, which this server does not offer.")
+            return
+        try:
+            sender = validate_sender(text)
+        except BadMessage as e:
+            self.sendCode(553, _reply(f"5.1.7 {e}"))
+            return
+        self._to = []
+        d = defer.maybeDeferred(self.validateFrom, self._helo, Path(sender))
+        d.addCallbacks(self._cbFromValidate, self._ebFromValidate,
+                       callbackArgs=(250, b"2.1.0 Sender ok"))
+
+    def do_RCPT(self, rest):
+        if self._from is None:
+            self.sendCode(503, b"5.5.1 Need MAIL before RCPT.")
+            return
+        m = _RCPT_RE.match(rest)
+        if not m:
+            self.sendCode(501, b"5.5.2 Syntax: RCPT TO:<address>")
+            return
+        try:
+            params = _params(m.group("params"))
+        except ValueError as e:
+            self.sendCode(501, _reply(f"5.5.4 {e}"))
+            return
+        if params:
+            self.sendCode(555, _reply(f"5.5.4 The RCPT parameter {params[0][0]} is not supported."))
+            return
+        text = _ascii_path(m.group("path"))
+        if text is None:
+            self.sendCode(553, b"5.6.7 Non-ASCII addresses need SMTPUTF8, which this server does not offer.")
+            return
+        try:
+            address = validate_address(text, what="recipient address")
+        except BadMessage as e:
+            self.sendCode(553, _reply(f"5.1.3 {e}"))
+            return
+        if len(self._to) >= MAX_RECIPIENTS:
+            self.sendCode(452, _reply(f"4.5.3 Too many recipients; at most {MAX_RECIPIENTS} per message."))
+            return
+        user = Recipient(dest=Path(address), helo=self._helo, protocol=self, orig=self._from)
+        d = defer.maybeDeferred(self.validateTo, user)
+        d.addCallbacks(self._cbToValidate, self._ebToValidate, callbackArgs=(user, 250, b"2.1.5 Recipient ok"))
+
+    def do_RSET(self, rest):
+        self._from = None
+        self._to = []
+        self.sendCode(250, b"2.0.0 Ok")
+
+    def do_DATA(self, rest):
+        if self._from is None or not self._to:
+            self.sendCode(503, b"5.5.1 Need MAIL and RCPT before DATA.")
+            return
+        # One IMessage carries the whole transaction: the delivery keeps every
+        # accepted recipient, so only the first recipient's factory is used.
+        self._to = self._to[:1]
+        smtp.ESMTP.do_DATA(self, rest)
+
+    def state_DATA(self, line):
+        if line == b"." and not self.datafailed:
+            self._hold()
+        smtp.ESMTP.dataLineReceived(self, line)
+
+    def _messageHandled(self, resultList):
+        """The reply to the final dot (Twisted's says 250/550 only)."""
+        self._commit = None
+        if not isinstance(resultList, list) or not resultList:
+            code, text = 451, b"4.3.0 Nothing was queued; try again."
+        else:
+            ok, result = resultList[0]
+            if ok:
+                code, text = 250, b"2.0.0 Ok: queued as " + str(result).encode("ascii")
+            elif result.check(smtp.SMTPServerError):
+                code, resp = result.value.code, result.value.resp
+                text = resp if isinstance(resp, bytes) else _reply(str(resp))
+            else:
+                log.failure("submission failed", result)
+                code, text = 451, b"4.3.0 Local error; nothing was queued, try again later."
+        if not self._closed:
+            self.sendCode(code, text)
+        self._release()
+
+    # AUTH hardening: a malformed command or response is a 501, not a dropped connection.
+    def ext_AUTH(self, rest):
+        if not rest.split(None, 1):
+            self.sendCode(501, b"5.5.4 Syntax: AUTH mechanism [initial-response]")
+            return
+        smtp.ESMTP.ext_AUTH(self, rest)
+
+    def state_AUTH(self, response):
+        if response == b"=":          # RFC 4954 §4: "=" is an empty initial response
+            response = b""
+        if response is not None and response != b"*":
+            try:
+                base64.b64decode(response, validate=True)
+            except (TypeError, binascii.Error):
+                self.sendCode(501, b"5.5.2 Cannot decode the response.")
+                self.challenger = None
+                self.mode = smtp.COMMAND
+                return
+        try:
+            smtp.ESMTP.state_AUTH(self, response)
+        except Exception:  # noqa: BLE001 - e.g. IllegalClientResponse for a malformed PLAIN
+            self.sendCode(501, b"5.5.2 Malformed authentication response.")
+            self.challenger = None
+            self.mode = smtp.COMMAND
+
+
+def _ascii_path(path: bytes) -> str | None:
+    try:
+        return path.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+
+
+def _params(text: bytes) -> list[tuple[str, str | None]]:
+    """ESMTP parameters ``KEY[=VALUE]`` separated by spaces, keys upper-cased."""
+    out: list[tuple[str, str | None]] = []
+    for item in text.split():
+        m = _PARAM_RE.match(item)
+        if not m:
+            raise ValueError(f"The parameter {item.decode('ascii', 'backslashreplace')!r} is malformed.")
+        value = m.group("value")
+        out.append((m.group("key").decode("ascii").upper(), value.decode("ascii") if value is not None else None))
+    return out
+
+
+class SubmissionFactory(protocol.ServerFactory):
+    """Builds a ``SubmissionProtocol`` per connection."""
+
+    def __init__(self, settings: _Settings, portal: Portal | None):
+        self.settings = settings
+        self.portal = portal
+
+    def buildProtocol(self, addr):
+        if self.portal is not None:
+            p = SubmissionProtocol(self.settings, {b"LOGIN": LOGINCredentials, b"PLAIN": PLAINCredentials})
+            p.portal = self.portal
+        else:
+            p = SubmissionProtocol(self.settings, {})
+            p.delivery = SubmissionDelivery(self.settings)
+        p.factory = self
+        return p
+
+
+class SubmissionService(StreamServerEndpointService):
+    """The listener; on stop it stops listening, lets running commits answer, then closes sessions."""
+
+    def __init__(self, endpoint, factory: SubmissionFactory, settings: _Settings):
+        StreamServerEndpointService.__init__(self, endpoint, factory)
+        self.settings = settings
+        self.committer = settings.committer
+        self.setName("submission")
+        self._raiseSynchronously = True    # as strports.service does: a busy port fails startService
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        yield StreamServerEndpointService.stopService(self)
+        while True:
+            for session in list(self.settings.sessions):
+                session.shutdown()          # every session not waiting for a commit
+            if not any(session.holding for session in self.settings.sessions):
+                break
+            yield self.committer.idle()     # the rest get their replies, then go round again
+
+
+def check_submission_config(config: Config) -> tuple[str, int] | None:
+    """Validate ``submission.*``: the (host, port) to listen on, or None when off.
+
+    Raises ConfigError for a non-loopback address without users
+    (:data:`OPEN_RELAY`) or a host that is not an IP address or ``localhost``.
+    """
+    if not config.submission_listen:
+        return None
+    host, port = parse_hostport(config.submission_listen, "submission.listen")
+    if host.lower() == "localhost":
+        host = "127.0.0.1"
+    if not config.submission_users and not is_loopback(host):
+        raise ConfigError(OPEN_RELAY)
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        raise ConfigError(f"submission.listen must name an IP address or localhost, not {host!r}.") from None
+    return host, port
+
+
+def build_submission_service(config: Config, spool, reactor, *,
+                             on_enqueued: Callable[[], None] = lambda: None,
+                             metrics=None) -> service.Service | None:
+    """The submission listener for ``config`` (None when ``submission.listen`` is empty).
+
+    ``spool`` is the DeferredSpool; ``on_enqueued`` runs after every commit
+    (relayd passes ``DrainService.wake``); ``metrics`` (optional) gets
+    ``enqueued(n)``.  Raises ConfigError as :func:`check_submission_config`.
+    """
+    where = check_submission_config(config)
+    if where is None:
+        return None
+    host, port = where
+
+    def committed(n: int) -> None:
+        if metrics is not None:
+            try:
+                metrics.enqueued(n)
+            except Exception:  # noqa: BLE001
+                log.failure("metrics.enqueued failed")
+        on_enqueued()
+
+    settings = _Settings(hostname=config.hostname, max_size=config.max_message_size,
+                         committer=GroupCommitter(spool, reactor, on_committed=committed),
+                         requires_auth=bool(config.submission_users))
+    portal = None
+    if config.submission_users:
+        portal = Portal(SubmissionRealm(settings), [UsersChecker(config.submission_users)])
+    if ":" in host:
+        endpoint = endpoints.TCP6ServerEndpoint(reactor, port, interface=host)
+    else:
+        endpoint = endpoints.TCP4ServerEndpoint(reactor, port, interface=host)
+    return SubmissionService(endpoint, SubmissionFactory(settings, portal), settings)
