@@ -294,7 +294,9 @@ class DrainService(service.Service):
                    and dest.sessions < self._limit_for(dest)
                    and self._connections < self.config.concurrency):
                 self._start_session(dest)
-            if not dest.queue and not dest.sessions:
+            # A session that ended synchronously (resolve() already failed)
+            # re-entered _dispatch, which may have removed ``dest`` already.
+            if not dest.queue and not dest.sessions and self._destinations.get(dest.key) is dest:
                 del self._destinations[dest.key]
 
     def _start_session(self, dest: _Destination) -> None:
