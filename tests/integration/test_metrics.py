@@ -12,7 +12,7 @@ import os
 import time
 
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.internet import defer, protocol, reactor, task
+from twisted.internet import defer, protocol, reactor, task, threads
 from twisted.trial import unittest
 from twisted.web.client import Agent, ResponseDone
 from twisted.web.http import PotentialDataLoss
@@ -314,6 +314,38 @@ class MetricsScenarios:
         yield wait_until(all_closed, timeout=5)
         code, _, body = yield fetch(self.base + "/healthz")
         self.assertEqual((code, body), (200, b"ok\n"))
+
+
+    @defer.inlineCallbacks
+    def test_submission_counts_enqueued(self):
+        """Messages accepted by the submission listener show up in relay_enqueued_total{source="submission"}."""
+        import smtplib
+        listen = f"127.0.0.1:{free_port()}"
+        config = Config(hostname="relay.test", node="node-a", spool_url=self.spool_url,
+                        nameservers=("127.0.0.1:1",), routes={"*": RouteConfig(host="127.0.0.1", port=1)},
+                        retry_initial=600.0, retry_maximum=600.0, poll_interval=0.1,
+                        submission_listen=listen, metrics_listen=f"127.0.0.1:{free_port()}")
+        top = build_service(config, reactor)
+        top.startService()
+        self.addCleanup(top.stopService)
+        self.base = "http://" + config.metrics_listen
+
+        def submit():
+            host, port = listen.split(":")
+            with smtplib.SMTP(host, int(port), timeout=10) as client:
+                client.sendmail("app@sender.test", ["a@one.test"], raw("a@one.test"))
+                client.sendmail("app@sender.test", ["b@one.test", "c@one.test"], raw("b@one.test"))
+
+        yield threads.deferToThread(submit)
+
+        @defer.inlineCallbacks
+        def counted():
+            now = yield self.scrape()
+            return now if now[("relay_enqueued_total", (("source", "submission"),))] >= 2 else None
+
+        got = yield wait_until(counted, timeout=5)
+        self.assertEqual(got[("relay_enqueued_total", (("source", "submission"),))], 2)
+        self.assertEqual(got[("relay_enqueued_total", (("source", "dsn"),))], 0)
 
 
 class MetricsSQLiteTests(MetricsScenarios, unittest.TestCase):
