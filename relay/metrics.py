@@ -62,7 +62,11 @@ Reason classes (``reason`` label), a fixed set of eight -- see
 ``other``    everything else (X.3.x, X.5.x, 451, malformed replies ...)
 
 The deferred counter is by definition the 4xx class and the bounced counter
-the 5xx class (plus ``expired``), so the class is not a separate label.
+the 5xx class (plus ``expired``), so the class is not a separate label.  The
+enhanced status is read from the reply text when ``outcome`` is given
+``text=``; without it (the drain passes only the code today) the class comes
+from the code alone, so e.g. a DNS failure (``451 4.4.3``) counts as
+``other`` and an NXDOMAIN bounce (``550 5.1.2``) as ``mailbox``.
 """
 
 from __future__ import annotations
