@@ -25,8 +25,9 @@ per connection, or one per login when ``submission.users`` is set) and one
 Pipelining: Twisted's server handles commands in order, but it would go on
 reading commands while a commit runs, so a ``QUIT`` or ``MAIL`` pipelined
 after the final dot would be answered before the message's 250.  Input is
-therefore held (and the socket paused) from the final dot until its reply is
-sent, then replayed.
+therefore held from the final dot until its reply is sent, then replayed
+(the socket is read on meanwhile, so that a client hanging up is noticed, up
+to ``MAX_HELD_BYTES``).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from twisted.cred import error as cred_error
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer, endpoints, protocol
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.mail.imap4 import LOGINCredentials, PLAINCredentials
@@ -55,7 +57,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relay.config import Config, parse_hostport
-from relay.errors import BadMessage, ConfigError, SpoolUnavailable
+from relay.errors import BadMessage, ConfigError, RelayError, SpoolUnavailable
 from relay.message import parse_message, validate_address, validate_sender
 from relay.model import NewMessage
 
@@ -70,6 +72,8 @@ MAX_BATCH = 500
 MAX_BATCH_BYTES = 64 * 1024 * 1024
 #: Most recipients of one transaction (RFC 5321 §4.5.3.1.8 asks for at least 100).
 MAX_RECIPIENTS = 1000
+#: Input a session may send ahead while its message is being committed before it is paused.
+MAX_HELD_BYTES = 256 * 1024
 #: Idle timeout of a session, seconds (RFC 5321 §4.5.3.2.7: server timeout 5 minutes).
 SESSION_TIMEOUT = 300
 
@@ -395,9 +399,12 @@ class SubmissionProtocol(smtp.ESMTP):
         self.esmtp = False
         self._held: deque[bytes] = deque()
         self._holding = False
+        self._held_bytes = 0
+        self._paused = False
         self._closed = False
         self._refused = False
         self._commit: defer.Deferred | None = None
+        self._closed_waiters: list[defer.Deferred] = []
 
     # connection ----------------------------------------------------------
     def connectionMade(self):
@@ -418,7 +425,17 @@ class SubmissionProtocol(smtp.ESMTP):
             self.settings.committer.withdraw(self._commit)
             self._commit = None
         self._held.clear()
+        self._held_bytes = 0
         smtp.ESMTP.connectionLost(self, reason)
+        waiters, self._closed_waiters = self._closed_waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    def whenClosed(self) -> defer.Deferred:
+        """A Deferred that fires once the connection is closed."""
+        d: defer.Deferred = defer.Deferred()
+        self._closed_waiters.append(d)
+        return d
 
     def greeting(self):
         return self.host + b" ESMTP relay"
@@ -442,7 +459,13 @@ class SubmissionProtocol(smtp.ESMTP):
         if self._refused:
             return None
         if self._holding:
+            # Keep reading (so that a client hanging up is noticed) unless it
+            # sends a lot before its reply: then stop reading until the reply.
             self._held.append(line)
+            self._held_bytes += len(line) + 2
+            if self._held_bytes > MAX_HELD_BYTES and not self._paused:
+                self._paused = True
+                self.transport.pauseProducing()
             return None
         return smtp.ESMTP.lineReceived(self, line)
 
@@ -472,16 +495,19 @@ class SubmissionProtocol(smtp.ESMTP):
         """Stop acting on input until the reply to the final dot is sent."""
         self._holding = True
         self.setTimeout(None)
-        self.transport.pauseProducing()
 
     def _release(self) -> None:
         self._holding = False
         if self._closed:
             return
         self.setTimeout(self.timeout)
-        self.transport.resumeProducing()
+        if self._paused:
+            self._paused = False
+            self.transport.resumeProducing()
         while self._held and not self._holding and not self._closed and not self.transport.disconnecting:
-            smtp.ESMTP.lineReceived(self, self._held.popleft())
+            line = self._held.popleft()
+            self._held_bytes -= len(line) + 2
+            smtp.ESMTP.lineReceived(self, line)
 
     def commitStarted(self, d: defer.Deferred) -> None:
         self._commit = d
@@ -668,6 +694,8 @@ def _params(text: bytes) -> list[tuple[str, str | None]]:
 class SubmissionFactory(protocol.ServerFactory):
     """Builds a ``SubmissionProtocol`` per connection."""
 
+    noisy = False
+
     def __init__(self, settings: _Settings, portal: Portal | None):
         self.settings = settings
         self.portal = portal
@@ -684,24 +712,55 @@ class SubmissionFactory(protocol.ServerFactory):
 
 
 class SubmissionService(StreamServerEndpointService):
-    """The listener; on stop it stops listening, lets running commits answer, then closes sessions."""
+    """The listener.  On stop: stop listening, answer the messages being
+    committed, then say 421 to every session and wait (a few seconds at
+    most) until their connections are closed."""
 
-    def __init__(self, endpoint, factory: SubmissionFactory, settings: _Settings):
+    close_timeout = 5.0
+
+    def __init__(self, endpoint, factory: SubmissionFactory, settings: _Settings, reactor):
         StreamServerEndpointService.__init__(self, endpoint, factory)
         self.settings = settings
         self.committer = settings.committer
+        self.reactor = reactor
         self.setName("submission")
         self._raiseSynchronously = True    # as strports.service does: a busy port fails startService
+
+    def startService(self) -> None:
+        try:
+            StreamServerEndpointService.startService(self)
+        except CannotListenError as e:
+            self.running = False
+            raise RelayError(f"submission.listen {e.interface or '*'}:{e.port}: cannot listen "
+                             f"({e.socketError or e}).") from None
+        self._waitingForPort.addCallback(self._listening)
+
+    def _listening(self, port):
+        address = port.getHost()
+        log.info("submission listener on {host}:{port}", host=address.host, port=address.port)
+        return port
 
     @defer.inlineCallbacks
     def stopService(self):
         yield StreamServerEndpointService.stopService(self)
+        sessions = self.settings.sessions
+        closed = [s.whenClosed() for s in sessions]
         while True:
-            for session in list(self.settings.sessions):
+            for session in list(sessions):
                 session.shutdown()          # every session not waiting for a commit
-            if not any(session.holding for session in self.settings.sessions):
+            if not any(session.holding for session in sessions):
                 break
             yield self.committer.idle()     # the rest get their replies, then go round again
+        if closed:
+            waiting = defer.DeferredList(closed)
+            timer = self.reactor.callLater(self.close_timeout, self._abort_all)
+            yield waiting
+            if timer.active():
+                timer.cancel()
+
+    def _abort_all(self) -> None:
+        for session in list(self.settings.sessions):
+            session.transport.abortConnection()
 
 
 def check_submission_config(config: Config) -> tuple[str, int] | None:
@@ -756,4 +815,4 @@ def build_submission_service(config: Config, spool, reactor, *,
         endpoint = endpoints.TCP6ServerEndpoint(reactor, port, interface=host)
     else:
         endpoint = endpoints.TCP4ServerEndpoint(reactor, port, interface=host)
-    return SubmissionService(endpoint, SubmissionFactory(settings, portal), settings)
+    return SubmissionService(endpoint, SubmissionFactory(settings, portal), settings, reactor)

@@ -1,0 +1,573 @@
+"""The submission listener end to end: Python's blocking ``smtplib`` (and raw
+sockets) in threads against ``relay.submission`` on a real spool, while the
+reactor serves.  Each scenario runs on SQLite (``SubmissionSQLiteTests``) and
+PostgreSQL (``SubmissionPostgreSQLTests``); ``SubmissionConfigTests`` needs
+no spool.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import smtplib
+import socket
+import sys
+import threading
+import time
+
+from twisted.internet import defer, reactor, task, threads
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.testing import StringTransport
+from twisted.python.threadpool import ThreadPool
+from twisted.trial import unittest
+
+from relay.config import Config, RouteConfig
+from relay.errors import ConfigError, RelayError, SpoolUnavailable
+from relay.model import State
+from relay.spool import open_spool
+from relay.spool.deferred import DeferredSpool
+from relay.submission import OPEN_RELAY, build_submission_service
+from relay.tap import build_service
+from relay.testing import SMTPPeer, create_pg_schema, drop_pg_schema, free_port
+
+MESSAGE = (b"From: app@sender.test\r\nTo: rcpt@dest.test\r\nSubject: hello\r\n"
+           b"Message-ID: <1@sender.test>\r\n\r\nHello.\r\n.leading dot\r\n..two dots\r\n")
+QUEUED = re.compile(rb"^2\.0\.0 Ok: queued as (\S+)$")
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05) -> defer.Deferred:
+    """Poll ``predicate()`` on the reactor until it is true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+
+    @defer.inlineCallbacks
+    def loop():
+        while True:
+            value = predicate()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(f"condition not met within {timeout}s")
+            yield task.deferLater(reactor, interval, lambda: None)
+
+    return loop()
+
+
+class RawClient:
+    """A blocking line-level SMTP client for what smtplib will not send."""
+
+    def __init__(self, port: int):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.file = self.sock.makefile("rb")
+        self.greeting = self.reply()
+
+    def reply(self) -> tuple[int, bytes]:
+        lines = []
+        while True:
+            line = self.file.readline()
+            if not line:
+                raise ConnectionError("connection closed")
+            lines.append(line[4:].rstrip(b"\r\n"))
+            if line[3:4] != b"-":
+                return int(line[:3]), b"\n".join(lines)
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def cmd(self, line: bytes) -> tuple[int, bytes]:
+        self.send(line + b"\r\n")
+        return self.reply()
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+class FlakySpool:
+    """Wraps a DeferredSpool: counts enqueue transactions, can delay or fail them."""
+
+    def __init__(self, inner: DeferredSpool, delay: float = 0.0):
+        self.inner = inner
+        self.delay = delay
+        self.fail_with: Exception | None = None
+        self.calls: list[int] = []
+        self.active = 0
+        self.peak = 0
+
+    def enqueue(self, messages, now):
+        self.calls.append(len(messages))
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+
+        def run(_):
+            if self.fail_with is not None:
+                raise self.fail_with
+            return self.inner.enqueue(messages, now)
+
+        def done(result):
+            self.active -= 1
+            return result
+
+        return task.deferLater(reactor, self.delay, lambda: None).addCallback(run).addBoth(done)
+
+
+class SubmissionScenarios:
+    """The scenarios; subclasses provide ``make_spool_url``."""
+
+    timeout = 30
+
+    def make_spool_url(self) -> str:
+        raise NotImplementedError
+
+    def setUp(self):
+        self.spool_url = self.make_spool_url()
+        self.port = free_port("127.0.0.1")
+        self.woken = 0
+
+    def config(self, **overrides) -> Config:
+        values = dict(hostname="relay.test", node="node-a", spool_url=self.spool_url,
+                      spool_busy_timeout=5.0, submission_listen=f"127.0.0.1:{self.port}",
+                      max_message_size=4000, tls="none", poll_interval=0.1, connect_timeout=2.0,
+                      command_timeout=5.0, retry_initial=1.0, retry_maximum=4.0)
+        values.update(overrides)
+        return Config(**values)
+
+    def start_listener(self, wrap=None, **overrides):
+        """Open the spool and start the listener alone (stopped at cleanup); returns the service."""
+        config = self.config(**overrides)
+        self.sync = open_spool(config.spool_url, busy_timeout=5.0)
+        spool = DeferredSpool(self.sync, reactor, threads=2)
+        spool.start()
+        self.addCleanup(spool.stop)
+        self.wrapped = wrap(spool) if wrap else spool
+
+        def woke():
+            self.woken += 1
+
+        svc = build_submission_service(config, self.wrapped, reactor, on_enqueued=woke)
+        svc.startService()
+        self.addCleanup(svc.stopService)
+        self.service = svc
+        return svc
+
+    def messages(self) -> int:
+        return self.sync.status(time.time()).messages
+
+    def smtp(self) -> smtplib.SMTP:
+        s = smtplib.SMTP("127.0.0.1", self.port, local_hostname="client.test", timeout=10)
+        s.ehlo()
+        return s
+
+    # -- the SPEC flow -------------------------------------------------
+
+    @defer.inlineCallbacks
+    def test_submitted_mail_is_queued_and_delivered(self):
+        """smtplib -> listener -> spool (envelope, data, Received) -> relayd -> the peer, byte for byte."""
+        peer = SMTPPeer("127.0.0.1").start()
+        self.addCleanup(peer.stop)
+        # A long poll interval: only the listener's on_enqueued (drain.wake) gets the mail out quickly.
+        config = self.config(poll_interval=60.0, nameservers=(f"127.0.0.1:{free_port()}",),
+                             routes={"*": RouteConfig(host="127.0.0.1", port=peer.port, tls="none")})
+        top = build_service(config, reactor)
+        top.startService()
+        self.addCleanup(top.stopService)
+        yield wait_until(lambda: top.getServiceNamed("submission").running)
+
+        def client():
+            s = self.smtp()
+            try:
+                features = dict(s.esmtp_features)
+                s.mail("app@sender.test")
+                s.rcpt("rcpt@dest.test")
+                return features, s.data(MESSAGE)
+            finally:
+                s.quit()
+
+        features, (code, text) = yield threads.deferToThread(client)
+        self.assertEqual(code, 250, text)
+        self.assertEqual(features.get("size"), "4000")
+        self.assertIn("8bitmime", features)
+        self.assertIn("pipelining", features)
+        self.assertNotIn("auth", features)
+        qid = QUEUED.match(text).group(1).decode()
+        spool = top.drain.spool.spool
+        info = spool.show(qid, include_data=True)
+        self.assertEqual(info.sender, "app@sender.test")
+        self.assertEqual([r.address for r in info.recipients], ["rcpt@dest.test"])
+        self.assertTrue(info.data.startswith(b"Received: from client.test ([127.0.0.1])\r\n\tby relay.test"),
+                        info.data[:200])
+        self.assertIn(b"\r\n\tfor <rcpt@dest.test>;", info.data)
+        self.assertTrue(info.data.endswith(MESSAGE), info.data)   # smtplib stuffed the dots, we unstuffed
+        yield wait_until(lambda: peer.log.messages)
+        [got] = peer.log.messages
+        self.assertEqual((got.sender, got.recipients), ("app@sender.test", ["rcpt@dest.test"]))
+        self.assertEqual(got.data, info.data)
+        yield wait_until(lambda: spool.show(qid).recipients[0].state == State.DELIVERED)
+
+    # -- AUTH ------------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def test_auth_is_required_and_works(self):
+        """With users set: no AUTH -> 530 at MAIL, a wrong password -> 535, PLAIN and LOGIN -> 250 and queued."""
+        self.start_listener(submission_users={"alice": "s3cret"})
+
+        def client():
+            out = {}
+            s = self.smtp()
+            out["mechanisms"] = s.esmtp_features.get("auth", "").split()
+            out["no_auth"] = s.mail("app@sender.test")[0]
+            s.quit()
+            s = self.smtp()
+            try:
+                s.login("alice", "wrong")
+            except smtplib.SMTPAuthenticationError as e:
+                out["wrong"] = e.smtp_code
+            out["still_no_mail"] = s.mail("app@sender.test")[0]
+            s.quit()
+            s = self.smtp()
+            out["plain"] = s.auth("PLAIN", lambda challenge=None: "\0alice\0s3cret")[0]
+            out["plain_mail"] = s.sendmail("app@sender.test", ["a@dest.test"], MESSAGE)
+            s.quit()
+            s = self.smtp()
+            s.user, s.password = "alice", "s3cret"
+            out["login"] = s.auth("LOGIN", s.auth_login)[0]
+            out["login_mail"] = s.sendmail("app@sender.test", ["b@dest.test"], MESSAGE)
+            s.quit()
+            return out
+
+        out = yield threads.deferToThread(client)
+        self.assertEqual(sorted(out["mechanisms"]), ["LOGIN", "PLAIN"])
+        self.assertEqual(out["no_auth"], 530)
+        self.assertEqual(out["wrong"], 535)
+        self.assertEqual(out["still_no_mail"], 530)
+        self.assertEqual((out["plain"], out["login"]), (235, 235))
+        self.assertEqual((out["plain_mail"], out["login_mail"]), ({}, {}))
+        self.assertEqual(self.messages(), 2)
+        info = self.sync.list_messages()
+        self.assertTrue(all(b"with ESMTPA" in self.sync.show(m.id, include_data=True).data for m in info))
+
+    # -- size and content --------------------------------------------------
+
+    @defer.inlineCallbacks
+    def test_oversize_refused_with_552(self):
+        """SIZE= over the limit -> 552 at MAIL; more data than the limit -> 552 at the dot, nothing queued."""
+        self.start_listener(max_message_size=4000)
+
+        def client():
+            s = self.smtp()
+            try:
+                at_mail = s.mail("app@sender.test", ["SIZE=4001"])
+                s.rset()
+                s.mail("app@sender.test")                  # no SIZE: counted during DATA
+                s.rcpt("rcpt@dest.test")
+                at_dot = s.data(MESSAGE + b"x" * 70 + b"\r\n" * 50 + (b"y" * 70 + b"\r\n") * 60)
+                s.mail("app@sender.test", ["SIZE=3000"])   # the session goes on
+                s.rcpt("rcpt@dest.test")
+                small = s.data(MESSAGE)
+                return at_mail, at_dot, small
+            finally:
+                s.quit()
+
+        at_mail, at_dot, small = yield threads.deferToThread(client)
+        self.assertEqual(at_mail[0], 552, at_mail)
+        self.assertTrue(at_mail[1].startswith(b"5.3.4"), at_mail)
+        self.assertEqual(at_dot[0], 552, at_dot)
+        self.assertEqual(small[0], 250, small)
+        self.assertEqual(self.messages(), 1)
+
+    @defer.inlineCallbacks
+    def test_bad_content_refused_with_554(self):
+        """A line over 998 octets or an empty message -> 554 5.6.0 with the sentence; nothing queued."""
+        self.start_listener(max_message_size=100_000)
+
+        def client():
+            s = self.smtp()
+            try:
+                s.mail("app@sender.test")
+                s.rcpt("rcpt@dest.test")
+                long_line = s.data(b"Subject: x\r\n\r\n" + b"a" * 999 + b"\r\n")
+                s.mail("app@sender.test")
+                s.rcpt("rcpt@dest.test")
+                empty = s.data(b"")
+                return long_line, empty
+            finally:
+                s.quit()
+
+        long_line, empty = yield threads.deferToThread(client)
+        self.assertEqual(long_line[0], 554)
+        self.assertIn(b"5.6.0 Line 3 of the message is 999 octets long", long_line[1])
+        self.assertEqual(empty, (554, b"5.6.0 The message is empty."))
+        self.assertEqual(self.messages(), 0)
+
+    # -- addresses -------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def test_bad_addresses_refused_never_repaired(self):
+        """Spaces, bare CR/LF, a missing @, <> as recipient -> 553; bad syntax -> 501; only the valid envelope is queued."""
+        self.start_listener()
+
+        def client():
+            c = RawClient(self.port)
+            try:
+                r = {"ehlo": c.cmd(b"EHLO client.test")[0]}
+                r["from_space"] = c.cmd(b"MAIL FROM:<a b@sender.test>")
+                r["from_no_at"] = c.cmd(b"MAIL FROM:<app>")
+                r["from_no_brackets"] = c.cmd(b"MAIL FROM:app@sender.test")
+                r["from_null"] = c.cmd(b"MAIL FROM:<>")
+                r["rcpt_null"] = c.cmd(b"RCPT TO:<>")
+                r["rcpt_no_at"] = c.cmd(b"RCPT TO:<postmaster>")
+                r["rcpt_space"] = c.cmd(b"RCPT TO:<a b@dest.test>")
+                r["rcpt_lf"] = c.cmd(b"RCPT TO:<a@dest.test\nevil@dest.test>")
+                r["rcpt_cr"] = c.cmd(b"RCPT TO:<a@dest.test\rDATA>")
+                r["rcpt_nul"] = c.cmd(b"RCPT TO:<a\x00@dest.test>")
+                r["rcpt_8bit"] = c.cmd("RCPT TO:<jörg@dest.test>".encode())
+                # A CRLF inside the argument just ends the command early.
+                c.send(b"RCPT TO:<victim@dest.test\r\nRCPT TO:<ok@dest.test>\r\n")
+                r["crlf_split"] = [c.reply(), c.reply()]
+                r["data"] = c.cmd(b"DATA")
+                r["dot"] = c.cmd(b"Subject: ok\r\n\r\nbody\r\n.")
+                c.cmd(b"QUIT")
+                return r
+            finally:
+                c.close()
+
+        r = yield threads.deferToThread(client)
+        for key in ("from_space", "from_no_at", "rcpt_null", "rcpt_no_at", "rcpt_space",
+                    "rcpt_lf", "rcpt_cr", "rcpt_nul", "rcpt_8bit"):
+            self.assertEqual(r[key][0], 553, (key, r[key]))
+            self.assertRegex(r[key][1].decode(), r"^5\.\d\.\d+ \S.*\.$", key)
+        self.assertIn(b"space", r["from_space"][1])
+        self.assertEqual(r["from_no_brackets"][0], 501)
+        self.assertEqual(r["from_null"][0], 250)
+        self.assertEqual([code for code, _ in r["crlf_split"]], [501, 250])
+        self.assertEqual(r["data"][0], 354)
+        self.assertEqual(r["dot"][0], 250, r["dot"])
+        [m] = self.sync.list_messages()
+        self.assertEqual(m.sender, "")
+        self.assertEqual([x.address for x in m.recipients], ["ok@dest.test"])
+
+    # -- lost connections ------------------------------------------------
+
+    @defer.inlineCallbacks
+    def test_disconnect_mid_data_queues_nothing(self):
+        """A client that closes in the middle of DATA (or right after its dot, before a commit starts) leaves nothing queued."""
+        svc = self.start_listener(wrap=lambda spool: FlakySpool(spool, delay=1.0))
+
+        def mid_data():
+            c = RawClient(self.port)
+            for line in (b"EHLO client.test", b"MAIL FROM:<app@sender.test>", b"RCPT TO:<rcpt@dest.test>",
+                         b"DATA"):
+                c.cmd(line)
+            c.send(b"Subject: cut\r\n\r\nfirst line\r\nsecond line\r\n")
+            c.close()
+
+        yield threads.deferToThread(mid_data)
+        yield wait_until(lambda: not svc.settings.sessions)
+        self.assertEqual(self.wrapped.calls, [])
+
+        # While one commit is in flight, a second client ends DATA and hangs up
+        # before any reply: its message had not been picked up, so it is dropped.
+        def first():
+            s = self.smtp()
+            try:
+                return s.sendmail("app@sender.test", ["one@dest.test"], MESSAGE)
+            finally:
+                s.quit()
+
+        first_done = threads.deferToThread(first)
+        yield wait_until(lambda: self.wrapped.active == 1)
+
+        def second():
+            c = RawClient(self.port)
+            for line in (b"EHLO client.test", b"MAIL FROM:<app@sender.test>", b"RCPT TO:<two@dest.test>",
+                         b"DATA"):
+                c.cmd(line)
+            c.send(MESSAGE + b".\r\n")
+            c.close()
+
+        yield threads.deferToThread(second)
+        refused = yield first_done
+        self.assertEqual(refused, {})
+        yield self.service.committer.idle()
+        self.assertEqual(self.wrapped.calls, [1])
+        [m] = self.sync.list_messages()
+        self.assertEqual([r.address for r in m.recipients], ["one@dest.test"])
+
+    # -- pipelining --------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def test_pipelined_commands_answered_in_order(self):
+        """Commands pipelined after the final dot wait for its reply (250 with the queue id), even while the commit is slow."""
+        self.start_listener(wrap=lambda spool: FlakySpool(spool, delay=0.3), max_message_size=100_000)
+        body8 = "Subject: 8bit\r\n\r\nGrüße\r\n".encode()
+
+        def client():
+            c = RawClient(self.port)
+            try:
+                c.cmd(b"EHLO client.test")
+                c.send(b"MAIL FROM:<app@sender.test> SIZE=200\r\nRCPT TO:<one@dest.test>\r\nDATA\r\n")
+                first = [c.reply() for _ in range(3)]
+                c.send(MESSAGE + b".\r\nMAIL FROM:<app@sender.test> BODY=8BITMIME\r\n"
+                       b"RCPT TO:<two@dest.test>\r\nDATA\r\n")
+                second = [c.reply() for _ in range(4)]
+                c.send(body8 + b".\r\nQUIT\r\n")
+                third = [c.reply() for _ in range(2)]
+                return first, second, third
+            finally:
+                c.close()
+
+        first, second, third = yield threads.deferToThread(client)
+        self.assertEqual([code for code, _ in first], [250, 250, 354])
+        self.assertEqual([code for code, _ in second], [250, 250, 250, 354])
+        self.assertEqual([code for code, _ in third], [250, 221])
+        qid1 = QUEUED.match(second[0][1]).group(1).decode()
+        qid2 = QUEUED.match(third[0][1]).group(1).decode()
+        self.assertEqual(self.sync.show(qid1).recipients[0].address, "one@dest.test")
+        data2 = self.sync.show(qid2, include_data=True).data
+        self.assertTrue(data2.endswith(body8), data2)
+
+    # -- group commit ------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def test_group_commit_shares_transactions(self):
+        """20 concurrent clients all get 250 and are queued, in fewer than 20 enqueue transactions, one at a time."""
+        self.start_listener(wrap=lambda spool: FlakySpool(spool, delay=0.2))
+        pool = ThreadPool(minthreads=20, maxthreads=20, name="smtplib-clients")
+        pool.start()
+        self.addCleanup(pool.stop)
+        barrier = threading.Barrier(20, timeout=15)
+
+        def client(n):
+            s = self.smtp()
+            try:
+                s.mail("app@sender.test")
+                s.rcpt(f"r{n}@dest.test")
+                barrier.wait()
+                return s.data(MESSAGE)
+            finally:
+                s.quit()
+
+        replies = yield defer.gatherResults(
+            [threads.deferToThreadPool(reactor, pool, client, n) for n in range(20)])
+        self.assertEqual([code for code, _ in replies], [250] * 20)
+        qids = {QUEUED.match(text).group(1) for _, text in replies}
+        self.assertEqual(len(qids), 20)
+        self.assertEqual(self.messages(), 20)
+        self.assertEqual(sum(self.wrapped.calls), 20)
+        self.assertLess(len(self.wrapped.calls), 20)
+        self.assertEqual(self.wrapped.peak, 1)
+        self.assertEqual(self.woken, len(self.wrapped.calls))
+
+    # -- spool trouble -----------------------------------------------------
+
+    @defer.inlineCallbacks
+    def test_spool_unavailable_answers_4xx_and_loses_nothing(self):
+        """A locked spool -> 451 4.3.0, a full one -> 452 4.3.1; nothing queued, and a retry once it is back gets 250."""
+        self.start_listener(wrap=FlakySpool)
+        where = self.sync.url
+
+        def attempt():
+            s = self.smtp()
+            try:
+                s.mail("app@sender.test")
+                s.rcpt("rcpt@dest.test")
+                return s.data(MESSAGE)
+            finally:
+                s.quit()
+
+        self.wrapped.fail_with = SpoolUnavailable(f"The spool {where} is locked by another process; try again.")
+        locked = yield threads.deferToThread(attempt)
+        self.wrapped.fail_with = SpoolUnavailable(f"The spool {where} is full (no space left); nothing was written.")
+        full = yield threads.deferToThread(attempt)
+        self.assertEqual(locked[0], 451)
+        self.assertTrue(locked[1].startswith(b"4.3.0"), locked)
+        self.assertEqual(full[0], 452)
+        self.assertTrue(full[1].startswith(b"4.3.1"), full)
+        self.assertEqual(self.messages(), 0)
+        self.assertEqual(self.woken, 0)
+        self.wrapped.fail_with = None
+        ok = yield threads.deferToThread(attempt)
+        self.assertEqual(ok[0], 250)
+        self.assertEqual(self.messages(), 1)
+
+
+class SubmissionSQLiteTests(SubmissionScenarios, unittest.TestCase):
+    """The submission scenarios on the SQLite spool."""
+
+    def make_spool_url(self) -> str:
+        return f"sqlite:///{self.mktemp()}.db"
+
+
+class SubmissionPostgreSQLTests(SubmissionScenarios, unittest.TestCase):
+    """The submission scenarios on the PostgreSQL spool."""
+
+    def make_spool_url(self) -> str:
+        try:
+            schema, url = create_pg_schema()
+        except Exception as exc:  # noqa: BLE001
+            if os.environ.get("CI"):
+                raise AssertionError(f"PostgreSQL is required in CI: {exc}") from exc
+            raise unittest.SkipTest(f"PostgreSQL unreachable: {exc}")
+        self.addCleanup(drop_pg_schema, schema)
+        return url
+
+
+class SubmissionConfigTests(unittest.TestCase):
+    """Open-relay refusal and the loopback-only rule (no spool needed)."""
+
+    def config(self, listen: str, users=None) -> Config:
+        return Config(hostname="relay.test", node="n", spool_url="sqlite:///unused.db",
+                      submission_listen=listen, submission_users=users or {})
+
+    def test_open_relay_refused_at_build(self):
+        """A non-loopback listen address (0.0.0.0 and :: included) without users raises ConfigError; loopback or users build."""
+        for listen in ("0.0.0.0:2525", "[::]:2525", "192.0.2.1:2525", "mail.example.com:2525"):
+            with self.assertRaises(ConfigError) as caught:
+                build_submission_service(self.config(listen), None, reactor)
+            self.assertEqual(str(caught.exception), OPEN_RELAY, listen)
+        for listen in ("127.0.0.1:2525", "127.0.0.2:2525", "[::1]:2525", "localhost:2525"):
+            self.assertIsNotNone(build_submission_service(self.config(listen), None, reactor), listen)
+        self.assertIsNotNone(build_submission_service(self.config("0.0.0.0:2525", {"u": "p"}), None, reactor))
+        self.assertIsNone(build_submission_service(self.config(""), None, reactor))
+
+    def test_relayd_exits_64_on_an_open_relay_config(self):
+        """relayd prints the open-relay sentence and exits 64, without creating the spool."""
+        from relay import daemon
+        base = self.mktemp()
+        os.makedirs(base)
+        spool_path = os.path.join(base, "spool.db")
+        path = os.path.join(base, "relay.toml")
+        with open(path, "w") as f:
+            f.write(f'[spool]\nurl = "sqlite:///{spool_path}"\n[submission]\nlisten = "0.0.0.0:2525"\n')
+        err = io.StringIO()
+        self.patch(sys, "stderr", err)
+        self.assertEqual(daemon.main(["--config", path]), 64)
+        self.assertEqual(err.getvalue().strip(), f"relayd: {OPEN_RELAY}")
+        self.assertFalse(os.path.exists(spool_path))
+
+    def test_busy_port_fails_start_in_one_sentence(self):
+        """Starting on a port that is already taken raises RelayError naming submission.listen."""
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        svc = build_submission_service(self.config(f"127.0.0.1:{port}"), None, reactor)
+        with self.assertRaises(RelayError) as caught:
+            svc.startService()
+        self.assertTrue(str(caught.exception).startswith(f"submission.listen 127.0.0.1:{port}: cannot listen"))
+        self.assertFalse(svc.running)
+
+    def test_only_loopback_peers_served_without_users(self):
+        """Without users a non-loopback peer gets 554 and is disconnected; 127.x, ::1 and ::ffff:127.x get 220."""
+        svc = build_submission_service(self.config("127.0.0.1:2525"), None, reactor)
+        peers = [IPv4Address("TCP", "192.0.2.7", 4000), IPv6Address("TCP", "2001:db8::1", 4000),
+                 IPv6Address("TCP", "::ffff:192.0.2.7", 4000), IPv4Address("TCP", "127.0.0.5", 4000),
+                 IPv6Address("TCP", "::1", 4000), IPv6Address("TCP", "::ffff:127.0.0.1", 4000)]
+        for peer, served in zip(peers, [False] * 3 + [True] * 3):
+            proto = svc.factory.buildProtocol(peer)
+            transport = StringTransport(peerAddress=peer)
+            proto.makeConnection(transport)
+            self.assertEqual(transport.value()[:3], b"220" if served else b"554", peer)
+            self.assertEqual(transport.disconnecting, not served, peer)
+            proto.connectionLost(None)
