@@ -10,9 +10,11 @@ from __future__ import annotations
 import io
 import os
 import re
+import shutil
 import smtplib
 import socket
 import sys
+import tempfile
 import threading
 import time
 
@@ -51,6 +53,13 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05) -> defe
             yield task.deferLater(reactor, interval, lambda: None)
 
     return loop()
+
+
+def scratch_dir(test) -> str:
+    """A temporary directory removed after ``test`` (not trial's mktemp, which writes under the cwd)."""
+    path = tempfile.mkdtemp(prefix="relay-submission-")
+    test.addCleanup(shutil.rmtree, path, True)
+    return path
 
 
 class RawClient:
@@ -495,7 +504,7 @@ class SubmissionSQLiteTests(SubmissionScenarios, unittest.TestCase):
     """The submission scenarios on the SQLite spool."""
 
     def make_spool_url(self) -> str:
-        return f"sqlite:///{self.mktemp()}.db"
+        return f"sqlite:///{scratch_dir(self)}/spool.db"
 
 
 class SubmissionPostgreSQLTests(SubmissionScenarios, unittest.TestCase):
@@ -533,8 +542,7 @@ class SubmissionConfigTests(unittest.TestCase):
     def test_relayd_exits_64_on_an_open_relay_config(self):
         """relayd prints the open-relay sentence and exits 64, without creating the spool."""
         from relay import daemon
-        base = self.mktemp()
-        os.makedirs(base)
+        base = scratch_dir(self)
         spool_path = os.path.join(base, "spool.db")
         path = os.path.join(base, "relay.toml")
         with open(path, "w") as f:
