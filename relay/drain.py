@@ -331,7 +331,11 @@ class DrainService(service.Service):
         dest.backlog -= len(envelope.recipients)
         if state["pulled"] == 0:
             dest.starting -= 1
-            dest.proven = True
+            if not dest.proven:
+                dest.proven = True
+                # The first connection works: open the others now, not only
+                # when a claim or a session ends (never, if claims are full).
+                self.reactor.callLater(0, self._dispatch)
         state["pulled"] += 1
         return envelope
 
