@@ -403,7 +403,12 @@ class DrainService(service.Service):
             else:
                 break
         if dest.sessions > 1:
-            return   # another connection to this destination carries on with the queue
+            # Another connection to this destination carries on with the queue.
+            # Open no replacement until a new first connection works again:
+            # otherwise a peer that refuses extra connections (421 greeting)
+            # is reconnected to in a loop.
+            dest.proven = False
+            return
         code, text, host_name = last if last is not None else (451, "4.4.4 No mail host could be reached", None)
         code, text = _temporary(code, text)
         self._fail_queue(dest, code, text, permanent=False, host=host_name)
@@ -468,7 +473,7 @@ class DrainService(service.Service):
                      possible_duplicate: bool = False) -> None:
         self.stats[state.value] = self.stats.get(state.value, 0) + 1
         if self.metrics is not None:
-            self.metrics.outcome(state, code, r.queued_at, now)
+            self.metrics.outcome(state, code, r.queued_at, now, text=text)
         log.info("{line}", line=logfmt.format_attempt(
             queue_id=qid, recipient=r.address, relay=relay_label, delay=max(0.0, now - r.queued_at),
             attempts=attempts, status=state, reply=replies.reply_line(code, text),
@@ -494,6 +499,8 @@ class DrainService(service.Service):
                 self._claimed.pop(o.recipient_id, None)
             if ids:
                 log.info("queued {n} delivery status notification(s): {ids}", n=len(ids), ids=" ".join(ids))
+                if self.metrics is not None:
+                    self.metrics.enqueued(len(ids), source="dsn")
                 if self._poll_call is not None and self._poll_call.active():
                     self._poll_call.cancel()
                     self._schedule_poll(0)
