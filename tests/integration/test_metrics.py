@@ -9,6 +9,8 @@ once per spool; ``MetricsPolicyTests`` covers the parts that need no spool
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -352,7 +354,9 @@ class MetricsSQLiteTests(MetricsScenarios, unittest.TestCase):
     """The metrics scenarios on the SQLite spool."""
 
     def make_spool_url(self) -> str:
-        self.db_path = os.path.abspath(self.mktemp()) + ".db"
+        directory = tempfile.mkdtemp(prefix="relay-metrics-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        self.db_path = os.path.join(directory, "spool.db")
         return f"sqlite:///{self.db_path}"
 
     def unreachable_spool(self):

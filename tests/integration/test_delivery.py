@@ -11,6 +11,8 @@ from __future__ import annotations
 import email
 import email.policy
 import os
+import shutil
+import tempfile
 import time
 
 from twisted.internet import defer, protocol, reactor, task
@@ -315,7 +317,9 @@ class DrainSQLiteTests(DrainScenarios, unittest.TestCase):
     """The drain scenarios on the SQLite spool."""
 
     def make_spool_url(self) -> str:
-        return f"sqlite:///{self.mktemp()}.db"
+        directory = tempfile.mkdtemp(prefix="relay-drain-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        return f"sqlite:///{directory}/spool.db"
 
 
 class DrainPostgreSQLTests(DrainScenarios, unittest.TestCase):
