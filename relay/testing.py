@@ -207,3 +207,56 @@ def drop_pg_schema(schema: str, server_url: str = PG_SERVER_URL) -> None:
             conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
     finally:
         engine.dispose()
+
+
+# -- trial helpers ----------------------------------------------------------
+
+
+def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05, clock=None):
+    """A Deferred that polls ``predicate()`` on the reactor until it is true
+    (firing with its value); it fails after ``timeout`` seconds."""
+    import time as _time
+
+    from twisted.internet import defer, task
+    if clock is None:
+        from twisted.internet import reactor as clock
+    deadline = _time.monotonic() + timeout
+
+    @defer.inlineCallbacks
+    def loop():
+        while True:
+            value = predicate()
+            if value:
+                return value
+            if _time.monotonic() > deadline:
+                raise AssertionError(f"condition not met within {timeout}s")
+            yield task.deferLater(clock, interval, lambda: None)
+
+    return loop()
+
+
+def scratch_sqlite_url(test, prefix: str = "relay-test-") -> str:
+    """A fresh SQLite spool URL in a temporary directory removed after ``test``
+    (not trial's mktemp, which writes under the working directory)."""
+    import shutil
+    import tempfile
+    directory = tempfile.mkdtemp(prefix=prefix)
+    test.addCleanup(shutil.rmtree, directory, True)
+    return f"sqlite:///{directory}/spool.db"
+
+
+def scratch_pg_url(test) -> str:
+    """A fresh PostgreSQL schema's spool URL, dropped after ``test``.
+
+    Skips the test when PostgreSQL is unreachable, except with ``$CI`` set,
+    where that is a failure: CI never passes without PostgreSQL.
+    """
+    from twisted.trial.unittest import SkipTest
+    try:
+        schema, url = create_pg_schema()
+    except Exception as exc:  # noqa: BLE001 - any failure means "no server"
+        if os.environ.get("CI"):
+            raise AssertionError(f"PostgreSQL is required in CI: {exc}") from exc
+        raise SkipTest(f"PostgreSQL unreachable: {exc}")
+    test.addCleanup(drop_pg_schema, schema)
+    return url

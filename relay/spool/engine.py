@@ -18,7 +18,6 @@ from typing import Iterator
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
-from sqlalchemy.pool import NullPool
 
 from relay.config import redact_url
 from relay.errors import SpoolUnavailable

@@ -9,7 +9,6 @@ same empty spool cannot collide.
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 from alembic import command

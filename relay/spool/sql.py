@@ -13,7 +13,6 @@ claim is one ``UPDATE ... RETURNING`` plus one ``SELECT`` of the bodies.
 from __future__ import annotations
 
 import itertools
-import os
 import secrets
 import threading
 import time
@@ -21,7 +20,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
-from sqlalchemy import and_, bindparam, case, delete, exists, func, insert, or_, select, update
+from sqlalchemy import and_, bindparam, case, delete, exists, func, insert, select, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 from zope.interface import implementer

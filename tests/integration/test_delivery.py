@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import email
 import email.policy
-import os
-import shutil
-import tempfile
 import time
 
-from twisted.internet import defer, protocol, reactor, task
+from twisted.internet import defer, protocol, reactor
 from twisted.trial import unittest
 
 from relay.config import Config
 from relay.message import parse_message
 from relay.model import State
 from relay.tap import build_service
-from relay.testing import SMTPPeer, create_pg_schema, drop_pg_schema, free_port
+from relay.testing import SMTPPeer, free_port, scratch_pg_url, scratch_sqlite_url, wait_until
 from relay.testing_dns import DNSFixture
 
 # Loopback addresses of the test MX hosts.
@@ -54,23 +51,6 @@ class _Greet421(protocol.Protocol):
     def connectionMade(self):
         self.transport.write(b"421 4.3.2 Too busy, come back later\r\n")
         self.transport.loseConnection()
-
-
-def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05) -> defer.Deferred:
-    """Poll ``predicate()`` on the reactor until it is true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-
-    @defer.inlineCallbacks
-    def loop():
-        while True:
-            value = predicate()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise AssertionError(f"condition not met within {timeout}s")
-            yield task.deferLater(reactor, interval, lambda: None)
-
-    return loop()
 
 
 def message(to: str | list[str], *, sender: str = "app@sender.test", body: bytes = b"Hello.\r\n",
@@ -317,20 +297,11 @@ class DrainSQLiteTests(DrainScenarios, unittest.TestCase):
     """The drain scenarios on the SQLite spool."""
 
     def make_spool_url(self) -> str:
-        directory = tempfile.mkdtemp(prefix="relay-drain-")
-        self.addCleanup(shutil.rmtree, directory, True)
-        return f"sqlite:///{directory}/spool.db"
+        return scratch_sqlite_url(self)
 
 
 class DrainPostgreSQLTests(DrainScenarios, unittest.TestCase):
     """The drain scenarios on the PostgreSQL spool."""
 
     def make_spool_url(self) -> str:
-        try:
-            schema, url = create_pg_schema()
-        except Exception as exc:  # noqa: BLE001
-            if os.environ.get("CI"):
-                raise AssertionError(f"PostgreSQL is required in CI: {exc}") from exc
-            raise unittest.SkipTest(f"PostgreSQL unreachable: {exc}")
-        self.addCleanup(drop_pg_schema, schema)
-        return url
+        return scratch_pg_url(self)

@@ -30,7 +30,7 @@ from relay.spool.deferred import DeferredSpool
 from relay.spool.engine import create_spool_engine
 from relay.spool.sql import SQLSpool
 from relay.tap import build_service
-from relay.testing import SMTPPeer, create_pg_schema, drop_pg_schema, free_port
+from relay.testing import SMTPPeer, free_port, scratch_pg_url
 
 FAMILIES = (
     "relay_enqueued", "relay_delivered", "relay_deferred", "relay_bounced", "relay_recipients",
@@ -379,14 +379,7 @@ class MetricsPostgreSQLTests(MetricsScenarios, unittest.TestCase):
     """The metrics scenarios on the PostgreSQL spool."""
 
     def make_spool_url(self) -> str:
-        try:
-            schema, url = create_pg_schema()
-        except Exception as exc:  # noqa: BLE001
-            if os.environ.get("CI"):
-                raise AssertionError(f"PostgreSQL is required in CI: {exc}") from exc
-            raise unittest.SkipTest(f"PostgreSQL unreachable: {exc}")
-        self.addCleanup(drop_pg_schema, schema)
-        return url
+        return scratch_pg_url(self)
 
     def unreachable_spool(self):
         """A spool on 127.0.0.1 port 1, where nothing listens (the shared server is left alone)."""

@@ -31,28 +31,11 @@ from relay.spool import open_spool
 from relay.spool.deferred import DeferredSpool
 from relay.submission import OPEN_RELAY, build_submission_service
 from relay.tap import build_service
-from relay.testing import SMTPPeer, create_pg_schema, drop_pg_schema, free_port
+from relay.testing import SMTPPeer, free_port, scratch_pg_url, wait_until
 
 MESSAGE = (b"From: app@sender.test\r\nTo: rcpt@dest.test\r\nSubject: hello\r\n"
            b"Message-ID: <1@sender.test>\r\n\r\nHello.\r\n.leading dot\r\n..two dots\r\n")
 QUEUED = re.compile(rb"^2\.0\.0 Ok: queued as (\S+)$")
-
-
-def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05) -> defer.Deferred:
-    """Poll ``predicate()`` on the reactor until it is true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-
-    @defer.inlineCallbacks
-    def loop():
-        while True:
-            value = predicate()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise AssertionError(f"condition not met within {timeout}s")
-            yield task.deferLater(reactor, interval, lambda: None)
-
-    return loop()
 
 
 def scratch_dir(test) -> str:
@@ -511,14 +494,7 @@ class SubmissionPostgreSQLTests(SubmissionScenarios, unittest.TestCase):
     """The submission scenarios on the PostgreSQL spool."""
 
     def make_spool_url(self) -> str:
-        try:
-            schema, url = create_pg_schema()
-        except Exception as exc:  # noqa: BLE001
-            if os.environ.get("CI"):
-                raise AssertionError(f"PostgreSQL is required in CI: {exc}") from exc
-            raise unittest.SkipTest(f"PostgreSQL unreachable: {exc}")
-        self.addCleanup(drop_pg_schema, schema)
-        return url
+        return scratch_pg_url(self)
 
 
 class SubmissionConfigTests(unittest.TestCase):
