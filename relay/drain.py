@@ -461,9 +461,16 @@ class DrainService(service.Service):
         """The DSN for recipients that failed together; none for a null-sender message."""
         if not message.sender or not failed:
             return []
-        data = dsn.build_dsn(original=message.data, queue_id=message.id, envelope_sender=message.sender,
-                             failed=failed, reporting_mta=self.config.hostname,
-                             arrival_date=message.created_at, now=now)
+        try:
+            data = dsn.build_dsn(original=message.data, queue_id=message.id, envelope_sender=message.sender,
+                                 failed=failed, reporting_mta=self.config.hostname,
+                                 arrival_date=message.created_at, now=now)
+        except Exception:
+            # The outcomes must still be recorded; a DSN that cannot be built
+            # is logged loudly instead of leaving the recipients claimed.
+            log.failure("{qid}: could not build the delivery status notification for {n} recipient(s)",
+                        qid=message.id, n=len(failed))
+            return []
         self.stats["dsns"] += 1
         return [NewMessage(sender="", recipients=(message.sender,), data=data,
                            subject="Undelivered Mail Returned to Sender")]
