@@ -103,3 +103,37 @@ def spool(spool_url):
     s = open_spool(spool_url, busy_timeout=2.0)
     yield s
     s.close()
+
+
+# -- a per-dialect count at the end of the run (CI must show PostgreSQL ran) --
+
+_DIALECT_COUNTS: dict[str, dict[str, int]] = {}
+
+
+def pytest_runtest_logreport(report):
+    if report.when != "call" and not (report.when == "setup" and report.outcome != "passed"):
+        return
+    dialect = _dialect_of_nodeid(report.nodeid)
+    if dialect is None:
+        return
+    counts = _DIALECT_COUNTS.setdefault(dialect, {"passed": 0, "failed": 0, "skipped": 0})
+    counts[report.outcome] = counts.get(report.outcome, 0) + 1
+
+
+def _dialect_of_nodeid(nodeid: str) -> str | None:
+    low = nodeid.lower()
+    if "postgresql" in low or "[pg" in low or "pg_url" in low:
+        return "postgresql"
+    if "sqlite" in low:
+        return "sqlite"
+    return None
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _DIALECT_COUNTS:
+        return
+    terminalreporter.section("spool dialects")
+    for dialect in ("sqlite", "postgresql"):
+        c = _DIALECT_COUNTS.get(dialect, {"passed": 0, "failed": 0, "skipped": 0})
+        terminalreporter.write_line(
+            f"{dialect} spool tests passed: {c['passed']} (failed {c['failed']}, skipped {c['skipped']})")
