@@ -6,8 +6,10 @@ both in :mod:`relay.spool.engine`: how a connection is set up (SQLite: WAL,
 transaction starts (SQLite ``BEGIN IMMEDIATE``); plus ``FOR UPDATE SKIP
 LOCKED`` in the claim on PostgreSQL.
 
-Round trips are per batch: ``enqueue`` and ``record`` use executemany, and a
-claim is one ``UPDATE ... RETURNING`` plus one ``SELECT`` of the bodies.
+Round trips are per batch: ``enqueue`` uses executemany; ``record`` one
+``UPDATE ... WHERE id IN (...)`` (and one ``INSERT ... SELECT`` of history)
+per group of outcomes that write the same values, executemany for the rest;
+a claim is one ``UPDATE ... RETURNING`` plus one ``SELECT`` of the bodies.
 """
 
 from __future__ import annotations
@@ -51,6 +53,24 @@ _CHUNK = 900  # rows per IN (...) list: under SQLite's default variable limit
 
 _id_lock = threading.Lock()
 _id_counter = itertools.count(secrets.randbits(36))
+
+
+# record(): one recipient's outcome (executemany), and one outcome shared by
+# several recipients (an expanding IN list) with their history rows.
+_OUTCOME_VALUES = dict(
+    state=bindparam("b_state"),
+    attempts=R.c.attempts + bindparam("b_inc"),
+    next_attempt_at=bindparam("b_next"),
+    last_code=func.coalesce(bindparam("b_code"), R.c.last_code),
+    last_response=func.coalesce(bindparam("b_response"), R.c.last_response),
+    lease_owner=None, lease_expires_at=None, updated_at=bindparam("b_now"))
+_UPDATE_ONE = update(R).where(R.c.id == bindparam("b_id")).values(**_OUTCOME_VALUES)
+_UPDATE_MANY = update(R).where(R.c.id.in_(bindparam("ids", expanding=True))).values(**_OUTCOME_VALUES)
+_HISTORY_MANY = insert(A).from_select(
+    ["recipient_id", "at", "host", "code", "response"],
+    select(R.c.id, bindparam("h_at", type_=A.c.at.type), bindparam("h_host", type_=A.c.host.type),
+           bindparam("h_code", type_=A.c.code.type), bindparam("h_response", type_=A.c.response.type))
+    .where(R.c.id.in_(bindparam("ids", expanding=True))))
 
 
 def new_queue_id(now: float | None = None) -> str:
@@ -183,7 +203,7 @@ class SQLSpool:
             bodies = {}
             for chunk in _chunks(list(by_message)):
                 for row in conn.execute(select(M.c.id, M.c.sender, M.c.data, M.c.size, M.c.eight_bit,
-                                               M.c.created_at).where(M.c.id.in_(chunk))):
+                                               M.c.created_at).where(M.c.id.in_(chunk))).all():
                     bodies[row.id] = row
         out = []
         for qid, rows in by_message.items():
@@ -244,8 +264,12 @@ class SQLSpool:
             for chunk in _chunks(ids):
                 held.update(conn.execute(
                     select(R.c.id).where(R.c.id.in_(chunk), R.c.lease_owner == node,
-                                         R.c.state == State.INFLIGHT.value)).scalars())
-            rows, history = [], []
+                                         R.c.state == State.INFLIGHT.value)).scalars().all())
+            # Outcomes that write the same values (typically every recipient a
+            # peer accepted with the same reply) share one UPDATE ... WHERE id
+            # IN (...) and one INSERT ... SELECT of their history rows; the
+            # others go row by row (executemany), as all did before.
+            mine: list[Outcome] = []
             for o in outcomes:
                 if o.recipient_id not in held:
                     continue   # our lease lapsed and another node took it
@@ -253,28 +277,40 @@ class SQLSpool:
                     raise ValueError(f"an outcome cannot set state {o.state}")
                 if o.state is State.DEFERRED and o.next_attempt_at is None:
                     raise ValueError("a deferred outcome needs next_attempt_at")
-                rows.append({
-                    "b_id": o.recipient_id,
-                    "b_state": o.state.value,
-                    "b_inc": 1 if o.attempted else 0,
-                    "b_next": o.next_attempt_at if o.state is State.DEFERRED else None,
-                    "b_code": o.code,
-                    "b_response": o.response,
-                    "b_now": now,
-                })
+                mine.append(o)
+            groups: dict[tuple, list[Outcome]] = {}
+            if len({o.recipient_id for o in mine}) == len(mine):
+                for o in mine:
+                    key = (o.state, o.attempted, o.next_attempt_at if o.state is State.DEFERRED else None,
+                           o.code, o.response, o.host)
+                    group = groups.get(key)
+                    if group is None:
+                        groups[key] = [o]
+                    else:
+                        group.append(o)
+            else:   # one recipient twice (never from the drain): in order, one by one
+                groups = {(o,): [o] for o in mine}
+            rows, history = [], []
+            for group in groups.values():
+                o = group[0]
+                inc = 1 if o.attempted else 0
+                next_at = o.next_attempt_at if o.state is State.DEFERRED else None
+                if len(group) > 1:
+                    for chunk in _chunks([g.recipient_id for g in group]):
+                        conn.execute(_UPDATE_MANY, {"ids": chunk, "b_state": o.state.value, "b_inc": inc,
+                                                    "b_next": next_at, "b_code": o.code,
+                                                    "b_response": o.response, "b_now": now})
+                        if o.attempted:
+                            conn.execute(_HISTORY_MANY, {"ids": chunk, "h_at": now, "h_host": o.host,
+                                                         "h_code": o.code, "h_response": o.response})
+                    continue
+                rows.append({"b_id": o.recipient_id, "b_state": o.state.value, "b_inc": inc, "b_next": next_at,
+                             "b_code": o.code, "b_response": o.response, "b_now": now})
                 if o.attempted:
                     history.append({"recipient_id": o.recipient_id, "at": now, "host": o.host,
                                     "code": o.code, "response": o.response})
             if rows:
-                conn.execute(
-                    update(R).where(R.c.id == bindparam("b_id")).values(
-                        state=bindparam("b_state"),
-                        attempts=R.c.attempts + bindparam("b_inc"),
-                        next_attempt_at=bindparam("b_next"),
-                        last_code=func.coalesce(bindparam("b_code"), R.c.last_code),
-                        last_response=func.coalesce(bindparam("b_response"), R.c.last_response),
-                        lease_owner=None, lease_expires_at=None, updated_at=bindparam("b_now")),
-                    rows)
+                conn.execute(_UPDATE_ONE, rows)
             if history:
                 conn.execute(insert(A), history)
             return self._insert(conn, new_messages, now) if new_messages else []

@@ -400,6 +400,35 @@ def test_record_a_batch_of_outcomes(spool):
     assert states(spool, id2) == [State.DEFERRED]
 
 
+def test_record_outcomes_shared_by_many_recipients(spool):
+    """Outcomes that write the same values (record groups them into one statement) give each
+    recipient its own state, attempt count and history row, and skip recipients not held."""
+    qid = enqueue_one(spool, *[f"r{n}@example.org" for n in range(7)])
+    ids = recipient_ids(spool.claim("node-a", T0, LEASE, limit=10))
+    spool.release("node-a", ids[6:], T0 + 1)           # the last one is no longer ours
+    sent = dict(state=State.DELIVERED, code=250, response="2.0.0 Ok", host="mx1.example.org[192.0.2.1]:25")
+    later = dict(state=State.DEFERRED, code=451, response="4.3.0 later", host="mx1.example.org[192.0.2.1]:25",
+                 next_attempt_at=T0 + 300)
+    spool.record("node-a", T0 + 5, [
+        Outcome(recipient_id=ids[0], **sent), Outcome(recipient_id=ids[1], **later),
+        Outcome(recipient_id=ids[2], **sent), Outcome(recipient_id=ids[3], **later),
+        Outcome(recipient_id=ids[4], **sent),
+        Outcome(recipient_id=ids[5], state=State.BOUNCED, code=554, response="4.4.7 Delivery time expired",
+                attempted=False),
+        Outcome(recipient_id=ids[6], **sent),
+    ])
+    info = spool.show(qid).recipients
+    assert [(r.state, r.attempts, r.last_code, r.next_attempt_at) for r in info] == [
+        (State.DELIVERED, 1, 250, None), (State.DEFERRED, 1, 451, T0 + 300),
+        (State.DELIVERED, 1, 250, None), (State.DEFERRED, 1, 451, T0 + 300),
+        (State.DELIVERED, 1, 250, None), (State.BOUNCED, 0, 554, None),
+        (State.QUEUED, 0, None, T0 + 1)]
+    assert [r.history for r in info[:2]] == [
+        (Attempt(at=T0 + 5, host="mx1.example.org[192.0.2.1]:25", code=250, response="2.0.0 Ok"),),
+        (Attempt(at=T0 + 5, host="mx1.example.org[192.0.2.1]:25", code=451, response="4.3.0 later"),)]
+    assert row_count(spool, attempts_table) == 5
+
+
 def test_deferred_recipient_is_due_at_next_attempt_at(spool):
     """A deferred recipient is not claimable before its next_attempt_at and is claimable at it."""
     enqueue_one(spool, "a@example.org")
