@@ -29,4 +29,4 @@ def open_spool(url: str, *, busy_timeout: float = 5.0, initialise: bool = True,
     except BaseException:
         engine.dispose()
         raise
-    return SQLSpool(engine, url)
+    return SQLSpool(engine, url, busy_timeout=busy_timeout)
