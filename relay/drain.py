@@ -75,6 +75,7 @@ class _Destination:
     sessions: int = 0         # connections (or their DNS lookups) in progress
     starting: int = 0         # sessions that have not taken an envelope yet
     proven: bool = False      # a connection to it has carried mail
+    waiting: deque = field(default_factory=deque)  # idle sessions kept open: [Deferred, state, timer]
 
 
 class DrainService(service.Service):
@@ -85,7 +86,7 @@ class DrainService(service.Service):
     def __init__(self, *, config: Config, spool: DeferredSpool, router, reactor,
                  session_opener: Callable = open_session, rng: random.Random | None = None,
                  trust_root=None, shutdown_timeout: float = 30.0, flush_delay: float = 0.005,
-                 metrics=None):
+                 metrics=None, linger: float = 0.0, busy_claim_delay: float = 0.0):
         self.config = config
         self.spool = spool
         self.router = router
@@ -95,6 +96,14 @@ class DrainService(service.Service):
         self.trust_root = trust_root
         self.shutdown_timeout = shutdown_timeout
         self.flush_delay = flush_delay
+        #: How long a connection that has carried mail stays open, idle, when its
+        #: destination's queue is empty (0: QUIT at once).  New mail for the
+        #: destination goes to such a connection before any new one is opened.
+        self.linger = linger
+        #: While deliveries are under way, a wake-up (new mail) claims after at most
+        #: this delay instead of at once, so that a stream of small commits becomes
+        #: fewer, larger claims.  An idle drain always claims at once.
+        self.busy_claim_delay = busy_claim_delay
         #: Receives outcome/connection events (relay.metrics.RelayMetrics); optional.
         self.metrics = metrics
         self.node = config.node
@@ -114,6 +123,7 @@ class DrainService(service.Service):
         self._renewal: task.LoopingCall | None = None
         self._stopping = False
         self._woken = False
+        self._starved = False     # the last tick found no room in the claim window
         self._idle_waiters: list[defer.Deferred] = []
         #: Counters for metrics and tests.
         self.stats = {"delivered": 0, "deferred": 0, "bounced": 0, "connections": 0, "dsns": 0}
@@ -141,6 +151,7 @@ class DrainService(service.Service):
         progress finish (until ``shutdown_timeout``), record everything."""
         service.Service.stopService(self)
         self._stopping = True
+        self._end_lingering()
         if self._poll_call is not None and self._poll_call.active():
             self._poll_call.cancel()
         self._poll_call = None
@@ -188,9 +199,18 @@ class DrainService(service.Service):
             self._woken = True        # claim again as soon as this claim is done
             return
         if self._poll_call is not None and self._poll_call.active():
+            delay = self._wake_delay()
+            if delay > 0:
+                if self._poll_call.getTime() > self.reactor.seconds() + delay:
+                    self._poll_call.reset(delay)
+                return
             self._poll_call.cancel()
             self._poll_call = None
             self._tick()
+
+    def _wake_delay(self) -> float:
+        """0 when idle; ``busy_claim_delay`` while claimed recipients are being delivered."""
+        return self.busy_claim_delay if self._claimed else 0.0
 
     def idle(self) -> defer.Deferred:
         """A Deferred that fires when nothing is claimed, queued or being recorded (tests)."""
@@ -200,8 +220,10 @@ class DrainService(service.Service):
         return d
 
     def _check_idle(self) -> None:
-        if self._claimed or self._outbox or self._flushing or self._claiming or self._sessions:
+        if self._claimed or self._outbox or self._flushing or self._claiming:
             return
+        if len(self._sessions) > sum(len(dest.waiting) for dest in self._destinations.values()):
+            return                    # connections kept open with nothing to do do not count
         waiters, self._idle_waiters = self._idle_waiters, []
         for d in waiters:
             d.callback(None)
@@ -221,8 +243,10 @@ class DrainService(service.Service):
             return
         room = self.max_claimed - len(self._claimed)
         if room < max(1, self.config.batch_size // 4):
+            self._starved = True
             self._schedule_poll()   # outcomes being recorded will wake us sooner
             return
+        self._starved = False
         limit = min(self.config.batch_size, room)
         exclude = [d.key for d in self._destinations.values()
                    if d.backlog >= self.deep_backlog and d.key not in self.config.routes and "*" not in self.config.routes]
@@ -265,8 +289,10 @@ class DrainService(service.Service):
             dest.backlog += sum(len(e.recipients) for e in envelopes)
         self._dispatch()
         woken, self._woken = self._woken, False
-        if (count >= limit or woken) and not self._stopping:
+        if count >= limit and not self._stopping:
             self._schedule_poll(0)       # more is due right now
+        elif woken and not self._stopping:
+            self._schedule_poll(self._wake_delay())   # new mail arrived during the claim
         else:
             self._schedule_poll()
         self._check_idle()
@@ -290,9 +316,14 @@ class DrainService(service.Service):
         if self._stopping:
             return
         for dest in list(self._destinations.values()):
+            self._feed_lingering(dest)
             while (dest.queue and len(dest.queue) > dest.starting
-                   and dest.sessions < self._limit_for(dest)
-                   and self._connections < self.config.concurrency):
+                   and dest.sessions < self._limit_for(dest)):
+                if self._connections >= self.config.concurrency:
+                    # Every connection is taken: close one kept open idle elsewhere
+                    # (its end dispatches again).
+                    self._end_lingering(one=True)
+                    break
                 self._start_session(dest)
             # A session that ended synchronously (resolve() already failed)
             # re-entered _dispatch, which may have removed ``dest`` already.
@@ -324,8 +355,12 @@ class DrainService(service.Service):
 
         d.addBoth(done)
 
-    def _take_envelope(self, dest: _Destination, state: dict) -> Envelope | None:
-        if self._stopping or not dest.queue:
+    def _take_envelope(self, dest: _Destination, state: dict) -> Envelope | defer.Deferred | None:
+        if self._stopping:
+            return None
+        if not dest.queue:
+            if self.linger > 0 and state["pulled"]:
+                return self._linger_on(dest, state)
             return None
         envelope = dest.queue.popleft()
         dest.backlog -= len(envelope.recipients)
@@ -338,6 +373,49 @@ class DrainService(service.Service):
                 self.reactor.callLater(0, self._dispatch)
         state["pulled"] += 1
         return envelope
+
+    # -- connections kept open ------------------------------------------
+
+    def _linger_on(self, dest: _Destination, state: dict) -> defer.Deferred:
+        """Keep a session open, idle, for up to ``linger`` seconds: a Deferred
+        that fires with its next envelope, or None (QUIT) when time is up."""
+        entry: list = []
+
+        def cancel(_d: defer.Deferred) -> None:   # the connection was lost or cancelled
+            if entry in dest.waiting:
+                dest.waiting.remove(entry)
+            if entry[2].active():
+                entry[2].cancel()
+
+        d = defer.Deferred(cancel)
+        entry.extend([d, state, self.reactor.callLater(self.linger, self._linger_expired, dest, entry)])
+        dest.waiting.append(entry)
+        self._check_idle()
+        return d
+
+    def _linger_expired(self, dest: _Destination, entry: list) -> None:
+        if entry in dest.waiting:
+            dest.waiting.remove(entry)
+            entry[0].callback(None)
+
+    def _feed_lingering(self, dest: _Destination) -> None:
+        """Give queued envelopes to the destination's idle sessions first."""
+        while dest.waiting and dest.queue and not self._stopping:
+            d, state, timer = dest.waiting.popleft()
+            if timer.active():
+                timer.cancel()
+            d.callback(self._take_envelope(dest, state))
+
+    def _end_lingering(self, one: bool = False) -> None:
+        """QUIT idle sessions (all of them, or one)."""
+        for dest in list(self._destinations.values()):
+            while dest.waiting:
+                d, _state, timer = dest.waiting.popleft()
+                if timer.active():
+                    timer.cancel()
+                d.callback(None)
+                if one:
+                    return
 
     def _take_all_queued(self) -> list[ClaimedRecipient]:
         taken: list[ClaimedRecipient] = []
@@ -513,8 +591,8 @@ class DrainService(service.Service):
                     self._schedule_poll(0)
             if self._outbox or self._dsn_box:
                 self._flush_call = self.reactor.callLater(0, self._flush)
-            if not self._stopping and len(self._claimed) < self.max_claimed // 2 and self._poll_call is not None \
-                    and self._poll_call.active() and self._claiming is None:
+            if not self._stopping and self._starved and len(self._claimed) < self.max_claimed // 2 \
+                    and self._poll_call is not None and self._poll_call.active() and self._claiming is None:
                 self._poll_call.cancel()
                 self._tick()
             self._check_idle()

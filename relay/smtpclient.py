@@ -17,7 +17,11 @@ credentials=None, trust_root=None) -> Deferred[SessionEnd]``
   reply line and by every 16 KiB chunk of a large body the peer takes in).
 * After the greeting, EHLO (HELO fallback), STARTTLS and AUTH, it calls
   ``next_envelope()`` whenever it is ready to send ``MAIL FROM`` and ``None``
-  means QUIT.  Every envelope it pulls gets exactly one
+  means QUIT.  ``next_envelope()`` may instead return a Deferred that fires
+  with the envelope (or ``None``) later: the connection then stays open and
+  idle, without the command timer, until it fires; if the connection is lost
+  or the session cancelled meanwhile, the Deferred is cancelled (the caller
+  keeps the envelope it has not handed over).  Every envelope it pulls gets exactly one
   ``on_result(envelope, results)`` call, ``results`` being one
   :class:`~relay.model.RecipientResult` per recipient in ``envelope.recipients``
   order, whatever happens (refusals, 421, lost connection, timeout, a bug in
@@ -125,7 +129,7 @@ from typing import Any, Callable, Mapping
 
 from twisted.internet import error as ierror
 from twisted.internet import protocol, ssl
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.logger import Logger
 from twisted.mail import smtp
@@ -306,6 +310,7 @@ class _RelayClient(smtp.ESMTPClient):
         self._tls_started = False
         self._tls_up = False
         self._authenticated = False
+        self._waiting: Deferred | None = None
         self._reset_transaction()
 
     # -- plumbing -----------------------------------------------------------
@@ -553,22 +558,66 @@ class _RelayClient(smtp.ESMTPClient):
             self._authenticated = True
         while True:
             env = self._pull()
+            if isinstance(env, Deferred):
+                self._wait_for_envelope(env)
+                return
             if env is None:
                 self._quit()
                 return
             if self._begin(env):
                 return
 
-    def _pull(self) -> Envelope | None:
+    def _pull(self) -> Envelope | Deferred | None:
         try:
             env = self._cfg.next_envelope()
         except Exception:
             _log.failure("next_envelope() raised; ending the session", Failure())
             self._error = "4.3.0 next_envelope() raised"
             return None
-        if env is not None:
+        if env is not None and not isinstance(env, Deferred):
             self._envelopes += 1
         return env
+
+    def _wait_for_envelope(self, d: Deferred) -> None:
+        """Idle on the open connection until ``d`` gives an envelope or None."""
+        self._stage = "idle"
+        self._waiting = d
+        self._expected = ()
+        self._failresponse = self._idle_reply
+        self.setTimeout(None)
+        d.addBoth(self._envelope_ready, d)
+
+    def _idle_reply(self, code: int, resp: bytes) -> None:
+        # The peer spoke while we were idle (typically 421 before it closes).
+        self._close(quit=code != 421)
+
+    def _envelope_ready(self, env: Any, d: Deferred) -> None:
+        if self._waiting is not d:
+            return None
+        self._waiting = None
+        try:
+            if isinstance(env, Failure):
+                if not env.check(CancelledError):
+                    _log.failure("next_envelope() failed; ending the session", env)
+                    self._error = "4.3.0 next_envelope() failed"
+                env = None
+            if self._closing:
+                return None     # cannot happen with env set: losing the connection cancels d
+            self.setTimeout(self._cfg.command_timeout)
+            if env is None:
+                self._quit()
+                return None
+            self._envelopes += 1
+            if not self._begin(env):
+                self.smtpState_from(250, b"")
+        except Exception:
+            self._internal_error(Failure())
+        return None
+
+    def _stop_waiting(self) -> None:
+        d, self._waiting = self._waiting, None
+        if d is not None:
+            d.cancel()
 
     def _begin(self, env: Envelope) -> bool:
         """Start a transaction; False when every recipient was decided locally."""
@@ -800,6 +849,7 @@ class _RelayClient(smtp.ESMTPClient):
         if self._closing:
             return
         self._closing = True
+        self._stop_waiting()
         transport = self.transport
         if abort:
             transport.abortConnection()
@@ -904,6 +954,7 @@ class _RelayClient(smtp.ESMTPClient):
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         try:
+            self._stop_waiting()
             if not self._closing and self._stage != "QUIT":
                 self._lost(reason)
         except Exception:
@@ -922,6 +973,8 @@ class _RelayClient(smtp.ESMTPClient):
         cfg = self._cfg
         peer = cfg.peer
         self._closing = True  # the transport is gone: _end must not touch it
+        if self._stage == "idle":
+            return            # the peer closed a connection we were keeping open: no error
         if self._tls_started and not self._tls_up:
             status = "4.7.5" if cfg.tls == "required" else "4.7.0"
             self._end(454, f"{status} TLS with {peer} failed: {_describe(reason)}", try_next=True)

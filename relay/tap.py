@@ -26,6 +26,15 @@ from relay.submission import build_submission_service, check_submission_config
 from relay.wakeup import build_wakeup_service
 
 
+#: relayd keeps a connection that has carried mail open, idle, this long after
+#: its destination's queue empties, so that the next message to it (a steady
+#: stream, or the next one soon after) skips connecting, the greeting and EHLO.
+LINGER = 2.0
+#: While relayd is delivering, new mail is claimed after at most this delay
+#: rather than once per commit (one claim instead of many small ones).
+BUSY_CLAIM_DELAY = 0.01
+
+
 class Options(usage.Options):
     """Flags of ``twist relay`` / ``twistd relay`` (same as relayd's)."""
 
@@ -76,7 +85,8 @@ def build_service(config: Config, reactor=None, *, trust_root=None) -> RelayServ
     router = Router(resolver=resolver, clock=reactor, routes=routes, port=config.delivery_port)
     metrics = RelayMetrics(max_lifetime=config.max_lifetime, clock=reactor)
     drain = DrainService(config=config, spool=deferred_spool, router=router, reactor=reactor,
-                         trust_root=trust_root, metrics=metrics)
+                         trust_root=trust_root, metrics=metrics, linger=LINGER,
+                         busy_claim_delay=BUSY_CLAIM_DELAY)
     drain.setServiceParent(top)
     top.drain = drain
     wakeup = build_wakeup_service(config.spool_url, reactor, drain.wake)
