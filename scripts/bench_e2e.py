@@ -224,6 +224,17 @@ def measure_latency(port: int, receiver: ArrivalReceiver, samples: int, warmup: 
             "all_ms": [round(1000 * t, 3) for t in total]}
 
 
+def reactor_thread_cpu(pid: int) -> float:
+    """CPU seconds of a process's main thread (relayd's reactor thread; the rest is the
+    spool's thread pool, the wake-up watcher and the kernel work they cause)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
 def postgres_cpu() -> dict[int, float]:
     """CPU seconds of every running ``postgres`` process (the server's share of a --pg run)."""
     out = {}
@@ -265,6 +276,7 @@ def measure_throughput(args: argparse.Namespace, port: int, engine, relayd: subp
                                stderr=subprocess.DEVNULL)
         time.sleep(1.0)                    # let it attach
     relayd_cpu0, sink_cpu0 = process_cpu(relayd.pid), process_cpu(sink.pid)
+    reactor_cpu0 = reactor_thread_cpu(relayd.pid)
     children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     pg0 = postgres_cpu()
     busy0 = machine_busy()
@@ -306,6 +318,7 @@ def measure_throughput(args: argparse.Namespace, port: int, engine, relayd: subp
     pg1 = postgres_cpu()
     pg_cpu = sum(cpu - pg0.get(pid, 0.0) for pid, cpu in pg1.items() if cpu == cpu)
     relayd_cpu = process_cpu(relayd.pid) - relayd_cpu0
+    reactor_cpu = reactor_thread_cpu(relayd.pid) - reactor_cpu0
     sink_cpu = process_cpu(sink.pid) - sink_cpu0
     source_cpu = (children1.ru_utime + children1.ru_stime) - (children0.ru_utime + children0.ru_stime)
     # CPU the machine spent on anything but these processes and the PostgreSQL server (other
@@ -326,7 +339,7 @@ def measure_throughput(args: argparse.Namespace, port: int, engine, relayd: subp
             "delivered": delivered, "seconds": end - t_start, "rate": args.messages / (end - t_start),
             "seconds_polled": t_done - t_start, "submission_seconds": t_source - t_start,
             "submission_rate": args.messages / (t_source - t_start), "relayd_cpu": relayd_cpu,
-            "sink_cpu": sink_cpu, "source_cpu": source_cpu, "bench_cpu": self_cpu, "other_cpu": other_cpu,
+            "reactor_cpu": reactor_cpu, "sink_cpu": sink_cpu, "source_cpu": source_cpu, "bench_cpu": self_cpu, "other_cpu": other_cpu,
             "postgres_cpu": pg_cpu,
             "machine_busy": busy,
             "py_spy_command": " ".join(spy_cmd) if args.py_spy else None}
@@ -442,7 +455,8 @@ def main(argv: list[str] | None = None) -> int:
               f"to the last delivery; {tp['seconds_polled']:.2f} s until the spool was seen complete)")
         print(f"  submission only: {tp['submission_rate']:,.0f} messages/s ({tp['submission_seconds']:.2f} s, "
               f"smtp-source wall time)")
-        print(f"  CPU: relayd {tp['relayd_cpu']:.1f} s, smtp-source {tp['source_cpu']:.1f} s, "
+        print(f"  CPU: relayd {tp['relayd_cpu']:.1f} s ({tp['reactor_cpu']:.1f} s in the reactor thread; "
+              f"{1e6 * tp['relayd_cpu'] / tp['messages']:.0f} us a message), smtp-source {tp['source_cpu']:.1f} s, "
               f"smtp-sink {tp['sink_cpu']:.1f} s, this script {tp['bench_cpu']:.1f} s, "
               f"postgres {tp['postgres_cpu']:.1f} s, "
               f"everything else {tp['other_cpu']:.1f} s; machine {tp['machine_busy']:.0%} busy")
