@@ -184,12 +184,14 @@ class GroupCommitter:
             for _, d in batch:
                 d.errback(result)
         else:
+            # The 250s first: the hook (relayd: wake the drain, which starts a
+            # claim on the spool's threads) would otherwise delay them.
+            for (_, d), qid in zip(batch, result):
+                d.callback(qid)
             try:
                 self._on_committed(len(batch))
             except Exception:  # noqa: BLE001 - never lose the 250s over a hook
                 log.failure("after-commit hook failed")
-            for (_, d), qid in zip(batch, result):
-                d.callback(qid)
         self._check_idle()
         return None
 

@@ -194,7 +194,7 @@ def latency_message(n: int) -> bytes:
 
 def measure_latency(port: int, receiver: ArrivalReceiver, samples: int, warmup: int, gap: float,
                     timeout: float) -> dict:
-    total, submitted = [], []
+    total, submitted, greeted, before_data = [], [], [], []
     deadline = time.monotonic() + timeout
     for n in range(warmup + samples):
         if time.monotonic() > deadline:
@@ -203,14 +203,23 @@ def measure_latency(port: int, receiver: ArrivalReceiver, samples: int, warmup: 
         data = latency_message(n)
         t0 = time.monotonic()
         with smtplib.SMTP("127.0.0.1", port, local_hostname="client.bench.example", timeout=10) as client:
-            client.sendmail(SENDER, [f"{token}@{LATENCY_DOMAIN}"], data)
+            t_greeted = time.monotonic()
+            client.ehlo()
+            client.mail(SENDER)
+            client.rcpt(f"{token}@{LATENCY_DOMAIN}")
+            t_data = time.monotonic()
+            code, _ = client.data(data)
             t_ok = time.monotonic()
+            if code != 250:
+                raise SystemExit(f"latency: message {n} got {code} after DATA")
         arrived = receiver.wait_for(token, 10.0)
         if arrived is None:
             raise SystemExit(f"latency: message {n} did not arrive within 10 s")
         if n >= warmup:
             total.append(arrived - t0)
             submitted.append(t_ok - t0)
+            greeted.append(t_greeted - t0)
+            before_data.append(t_data - t_greeted)
         time.sleep(gap)
 
     def ms(values: list[float], q: float) -> float:
@@ -220,6 +229,9 @@ def measure_latency(port: int, receiver: ArrivalReceiver, samples: int, warmup: 
     return {"samples": samples, "median_ms": 1000 * statistics.median(total), "p90_ms": ms(total, 0.9),
             "max_ms": 1000 * max(total), "min_ms": 1000 * min(total),
             "submitted_median_ms": 1000 * statistics.median(submitted),
+            "greeting_median_ms": 1000 * statistics.median(greeted),
+            "ehlo_to_rcpt_median_ms": 1000 * statistics.median(before_data),
+            "data_median_ms": 1000 * statistics.median([s - g - b for s, g, b in zip(submitted, greeted, before_data)]),
             "delivered_median_ms": 1000 * statistics.median([a - s for a, s in zip(total, submitted)]),
             "all_ms": [round(1000 * t, 3) for t in total]}
 
@@ -442,8 +454,10 @@ def main(argv: list[str] | None = None) -> int:
     if lat:
         print(f"idle latency ({r['spool']}, {lat['samples']} messages, smtplib -> relayd -> receiver): "
               f"median {lat['median_ms']:.2f} ms, p90 {lat['p90_ms']:.2f} ms, max {lat['max_ms']:.2f} ms "
-              f"(min {lat['min_ms']:.2f}; medians: submitted {lat['submitted_median_ms']:.2f} ms, "
-              f"then delivered {lat['delivered_median_ms']:.2f} ms)")
+              f"(min {lat['min_ms']:.2f})")
+        print(f"  medians: submitted {lat['submitted_median_ms']:.2f} ms (connect+greeting "
+              f"{lat['greeting_median_ms']:.2f}, EHLO/MAIL/RCPT {lat['ehlo_to_rcpt_median_ms']:.2f}, DATA to 250 "
+              f"{lat['data_median_ms']:.2f}), then delivered {lat['delivered_median_ms']:.2f} ms")
     tp = r.get("throughput")
     if tp:
         print(f"source:    {tp['command']}")
