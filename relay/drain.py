@@ -83,6 +83,12 @@ class DrainService(service.Service):
 
     name = "drain"
 
+    #: Under load, the least time from the start of one record transaction to
+    #: the start of the next: the outcomes of that time are written together
+    #: (each transaction costs a commit; on SQLite an fsync).  A first outcome
+    #: after a quiet spell is still written ``flush_delay`` after it arrives.
+    flush_interval = 0.05
+
     def __init__(self, *, config: Config, spool: DeferredSpool, router, reactor,
                  session_opener: Callable = open_session, rng: random.Random | None = None,
                  trust_root=None, shutdown_timeout: float = 30.0, flush_delay: float = 0.005,
@@ -576,7 +582,8 @@ class DrainService(service.Service):
             return self._flushing
         batch, self._outbox = self._outbox, []
         dsns, self._dsn_box = self._dsn_box, []
-        d = self._flushing = self.spool.record(self.node, self.reactor.seconds(), batch, dsns)
+        started = self.reactor.seconds()
+        d = self._flushing = self.spool.record(self.node, started, batch, dsns)
 
         def recorded(ids: list[str]) -> None:
             self._flushing = None
@@ -590,7 +597,10 @@ class DrainService(service.Service):
                     self._poll_call.cancel()
                     self._schedule_poll(0)
             if self._outbox or self._dsn_box:
-                self._flush_call = self.reactor.callLater(0, self._flush)
+                delay = 0.0
+                if not self._stopping and len(self._outbox) < self.config.batch_size:
+                    delay = max(0.0, started + self.flush_interval - self.reactor.seconds())
+                self._flush_call = self.reactor.callLater(delay, self._flush)
             if not self._stopping and self._starved and len(self._claimed) < self.max_claimed // 2 \
                     and self._poll_call is not None and self._poll_call.active() and self._claiming is None:
                 self._poll_call.cancel()

@@ -848,6 +848,52 @@ class TestBatching:
         assert len(h.spool.records[0].outcomes) == 10
         assert h.spool.records[0].node == NODE
 
+    def test_under_load_one_record_per_flush_interval(self):
+        """Outcomes that arrive while a record() is under way are written together,
+        flush_interval after that record() began; a full batch is written at once."""
+        h = Harness(per_domain_concurrency=1, batch_size=4)
+        h.spool.add(*(make_message(f"u{i}@x.test") for i in range(8)))
+        calls: list[tuple[defer.Deferred, tuple]] = []
+        real_record = h.spool.record
+
+        def slow_record(*args):
+            d = defer.Deferred()
+            calls.append((d, args))
+            return d
+
+        def finish(n: int) -> None:
+            d, args = calls[n]
+            real_record(*args).chainDeferred(d)
+
+        h.spool.record = slow_record
+        h.start()
+        (s,) = h.opener.sessions
+        s.pull()
+        s.answer()
+        h.clock.advance(h.drain.flush_delay)          # a first outcome: written after flush_delay
+        assert len(calls) == 1
+        for _ in range(2):
+            s.pull()
+            s.answer()
+        h.clock.advance(0.01)
+        finish(0)                                     # 10 ms later: two outcomes are waiting
+        h.clock.advance(h.drain.flush_interval - 0.012)
+        assert len(calls) == 1
+        h.clock.advance(0.004)
+        assert len(calls) == 2 and len(calls[1][1][2]) == 2
+        for _ in range(4):
+            s.pull()
+            s.answer()
+        finish(1)                                     # a full batch (4) is waiting: at once
+        h.clock.advance(0)
+        assert len(calls) == 3 and len(calls[2][1][2]) == 4
+        finish(2)
+        s.deliver_all()
+        h.clock.advance(h.drain.flush_delay)
+        finish(3)
+        assert sorted(h.spool.recipients[o.recipient_id].address for o in h.spool.outcomes) == \
+            sorted(f"u{i}@x.test" for i in range(8))
+
     def test_failed_record_is_retried_and_nothing_is_lost(self):
         """A record() that fails is retried later with the same outcomes plus those that arrived meanwhile."""
         h = Harness(per_domain_concurrency=1)
