@@ -211,7 +211,7 @@ def measure_latency(port: int, receiver: ArrivalReceiver, samples: int, warmup: 
             code, _ = client.data(data)
             t_ok = time.monotonic()
             if code != 250:
-                raise SystemExit(f"latency: message {n} got {code} after DATA")
+                raise SystemExit(f"latency: message {n} got {code} {_!r} after DATA")
         arrived = receiver.wait_for(token, 10.0)
         if arrived is None:
             raise SystemExit(f"latency: message {n} did not arrive within 10 s")
