@@ -213,26 +213,37 @@ class SQLSpool:
             claimed = conn.execute(stmt).all()
             if not claimed:
                 return []
-            by_message: dict[str, list] = defaultdict(list)
-            for row in claimed:
-                by_message[row.message_id].append(row)
-            bodies = {}
-            for chunk in _chunks(list(by_message)):
-                for row in conn.execute(select(M.c.id, M.c.sender, M.c.data, M.c.size, M.c.eight_bit,
-                                               M.c.created_at).where(M.c.id.in_(chunk))).all():
-                    bodies[row.id] = row
+            # The bodies of the claimed recipients' messages: every row this
+            # claim touched has next_attempt_at = expires (the due index), so
+            # no list of ids is sent (a row of an earlier claim with the same
+            # expiry only adds a body that is not used).
+            bodies = {row[0]: row for row in conn.execute(
+                select(M.c.id, M.c.sender, M.c.data, M.c.size, M.c.eight_bit, M.c.created_at)
+                .where(M.c.id.in_(select(R.c.message_id)
+                                  .where(R.c.next_attempt_at == expires, R.c.lease_owner == node)
+                                  .scalar_subquery()))).all()}
+        by_message: dict[str, list] = {}
+        for row in claimed:
+            rows = by_message.get(row[1])
+            if rows is None:
+                by_message[row[1]] = [row]
+            else:
+                rows.append(row)
         out = []
         for qid, rows in by_message.items():
             body = bodies.get(qid)
             if body is None:   # deleted between statements: cannot happen inside one transaction
                 continue
-            rows.sort(key=lambda r: r.position)
+            if len(rows) > 1:
+                rows.sort(key=lambda r: r[6])
+            _id, sender, data, size, eight_bit, created_at = body
             out.append(ClaimedMessage(
-                id=qid, sender=body.sender, data=bytes(body.data), size=body.size,
-                eight_bit=bool(body.eight_bit), created_at=body.created_at,
-                recipients=tuple(ClaimedRecipient(id=r.id, message_id=qid, address=r.address,
-                                                  domain=r.domain, attempts=r.attempts,
-                                                  queued_at=r.queued_at) for r in rows)))
+                id=qid, sender=sender, data=bytes(data), size=size,
+                eight_bit=bool(eight_bit), created_at=created_at,
+                recipients=tuple(ClaimedRecipient(id=rid, message_id=qid, address=address,
+                                                  domain=domain, attempts=attempts,
+                                                  queued_at=queued_at)
+                                 for rid, _mid, address, domain, attempts, queued_at, _pos in rows)))
         out.sort(key=lambda m: (m.created_at, m.id))
         return out
 
