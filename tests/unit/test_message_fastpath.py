@@ -188,3 +188,124 @@ def test_parse_message_unchanged(monkeypatch, to, sender):
     fast = _outcome(raw)
     monkeypatch.setattr(message, "_simple_addresses", lambda values: None)
     assert fast == _outcome(raw)
+
+
+# -- the header fast path: _fast_fields agrees with compat32's HeaderParser --
+
+def _parser_fields(header: bytes):
+    from email.parser import HeaderParser
+    from email.policy import compat32
+    parsed = HeaderParser(policy=compat32).parsestr(header.decode("utf-8", "surrogateescape"))
+    return parsed
+
+
+HEADERS = [
+    b"From: a@b.example\r\nTo: c@d.example\r\nSubject: hello\r\n",
+    b"Subject:\r\n folded\r\n\tagain\r\nMessage-ID: <x@y>\r\n",
+    b"Subject: \t  lead\r\nBcc: hidden@x.example\r\nbcc: two@x.example\r\n",
+    b"Subject: trailing  \r\n \r\nX: y\r\n",
+    b"X-Empty:\r\nSubject:  \r\n",
+    b"A:b:c\r\nsubject: lower\r\nSUBJECT: upper\r\n",
+    b"Subject: =?utf-8?q?caf=C3=A9?=\r\n",
+    b"From sender Sat Jan  1\r\nSubject: x\r\n",             # unix-from: full path
+    b" leading continuation\r\nSubject: x\r\n",              # full path
+    b"Subject: x\r\nnot a field\r\nTo: a@b\r\n",             # full path
+    b":no name\r\nSubject: x\r\n",                           # full path
+    b"Subject : spaced name\r\n",                            # full path
+    b"Subject: caf\xc3\xa9\r\n",                             # full path
+    b"Subject: x\x0cy\r\n",                                  # full path
+    b"Subject: x\r\nFrom a@b\r\n",                           # full path
+]
+
+
+def _check_same(header: bytes) -> None:
+    fast = message._fast_fields(header)
+    full = _parser_fields(header)
+    if fast is None:
+        return
+    assert not full.defects, header
+    assert fast._fields == list(full.items()), header
+    for name in ("Subject", "subject", "Message-ID", "To", "From", "Bcc", "X", "missing"):
+        assert fast.get(name) == full.get(name), (header, name)
+        assert fast.get_all(name) == full.get_all(name), (header, name)
+        assert (name in fast) == (name in full), (header, name)
+
+
+@pytest.mark.parametrize("header", HEADERS)
+def test_fast_fields_table(header):
+    _check_same(header)
+
+
+def test_fast_fields_taken_for_common_headers():
+    assert message._fast_fields(HEADERS[0]) is not None
+    assert message._fast_fields(HEADERS[1]) is not None
+    for header in HEADERS[7:]:
+        assert message._fast_fields(header) is None, header
+
+
+def test_fast_fields_random():
+    rng = random.Random(20261121)
+    pieces = ["Subject", "To", "bcc", "X-A", "From", "From ", ":", " ", "\t", "a", "b c", "=?x?=",
+              "\r\n", "\r\n ", "\r\n\t", ":", "  ", "\xe9", "\x0b", "<m@id>", "Message-ID"]
+    for _ in range(3000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 12)))
+        header = (text.replace("\r\n\r\n", "\r\n") + "\r\n").encode("utf-8")
+        if header.startswith(b"\r\n") or b"\r\n\r\n" in header:
+            continue
+        _check_same(header)
+    # Mostly well-formed blocks, so that the fast path is taken often.
+    lines = ["Subject: a", "subject:b", "To: x@y", "Bcc:", "X-A:  v ", "Message-ID: <m@id>",
+             " cont", "\tcont ", "  ", "From: f@g", "A:b:c", "Subject: =?utf-8?q?a?=", "From x",
+             "bad line", ":x", "X: \xe9"]
+    taken = 0
+    for _ in range(3000):
+        block = "\r\n".join(rng.choice(lines) for _ in range(rng.randint(1, 8))) + "\r\n"
+        header = block.encode("utf-8")
+        taken += message._fast_fields(header) is not None
+        _check_same(header)
+    assert taken > 300
+
+
+def test_parse_message_same_with_and_without_fast_fields(monkeypatch):
+    raws = [b"From: a@b.example\r\nTo: c@d.example\r\nSubject: =?utf-8?q?caf=C3=A9?=\r\n"
+            b"Message-ID:  <id@x> \r\nBcc: e@f.example\r\n\r\nbody\r\n",
+            b"Subject: x\r\n folded\r\n\r\n",
+            b"To: c@d.example\r\n"]
+    for raw in raws:
+        fast = message.parse_message(raw, sender="s@x.example", recipients=["r@y.example"])
+        monkeypatch.setattr(message, "_fast_fields", lambda header: None)
+        slow = message.parse_message(raw, sender="s@x.example", recipients=["r@y.example"])
+        monkeypatch.undo()
+        assert fast == slow
+
+
+def _reference_normalise(raw: bytes) -> bytes:
+    """normalise_line_endings as it was before the split-based long-line check."""
+    text = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n") if b"\r" in raw else raw
+    if not text.endswith(b"\n"):
+        text += b"\n"
+    start = 0
+    while start < len(text):
+        end = text.find(b"\n", start)
+        if end - start > message.MAX_LINE:
+            line_no = text.count(b"\n", 0, start) + 1
+            raise BadMessage(f"Line {line_no} of the message is "
+                             f"{end - start} octets long; the limit is {message.MAX_LINE} (RFC 5322 §2.1.1).")
+        start = end + 1
+    return text.replace(b"\n", b"\r\n")
+
+
+def test_long_line_check_same_as_before():
+    """normalise_line_endings refuses the first line over 998 octets, with its number and length."""
+    rng = random.Random(998)
+    for _ in range(500):
+        lines = [b"x" * rng.choice([0, 1, 70, 997, 998, 999, 1500]) for _ in range(rng.randint(1, 6))]
+        raw = rng.choice([b"\r\n", b"\n", b"\r"]).join(lines) + rng.choice([b"", b"\r\n"])
+        try:
+            want = _reference_normalise(raw)
+        except BadMessage as e:
+            with pytest.raises(BadMessage) as got:
+                message.normalise_line_endings(raw)
+            assert str(got.value) == str(e)
+        else:
+            assert message.normalise_line_endings(raw) == want
