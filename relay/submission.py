@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hmac
 import ipaddress
 import re
@@ -84,8 +85,11 @@ _PARAM_RE = re.compile(rb"(?P<key>[A-Za-z0-9][A-Za-z0-9-]*)(?:=(?P<value>[\x21-\
 _HELO_UNSAFE = re.compile(r"[^\x21-\x7e]|[()\\]")
 
 
+@functools.lru_cache(maxsize=1024)
 def is_loopback(host: str) -> bool:
-    """True for 127.0.0.0/8, ::1 and ::ffff:127.x.y.z (a textual IP address)."""
+    """True for 127.0.0.0/8, ::1 and ::ffff:127.x.y.z (a textual IP address).
+
+    Cached: every connection asks, nearly always about the same few peers."""
     try:
         ip = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
