@@ -29,12 +29,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _start_logging() -> None:
+    import time
+
     from twisted.logger import FilteringLogObserver, LogLevel, LogLevelFilterPredicate, globalLogBeginner
     from twisted.logger import formatEventAsClassicLogText
 
+    stamp: list = [None, ""]
+
+    def format_time(t) -> str:
+        """``%Y-%m-%dT%H:%M:%S`` local time, formatted once per second."""
+        second = int(t)
+        if stamp[0] != second:
+            stamp[:] = [second, time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t))]
+        return stamp[1]
+
     def to_stderr(event):
-        text = formatEventAsClassicLogText(event, formatTime=lambda t: __import__("time").strftime(
-            "%Y-%m-%dT%H:%M:%S", __import__("time").localtime(t)))
+        line = event.get("line")
+        if (event.get("log_format") == "{line}" and type(line) is str and line
+                and "log_failure" not in event and "log_system" not in event
+                and event.get("log_time") is not None and event.get("log_level") is not None):
+            # The one-line-per-attempt events (``log.info("{line}", line=...)``):
+            # the same text as formatEventAsClassicLogText without parsing the format.
+            text = (f"{format_time(event['log_time'])} "
+                    f"[{event.get('log_namespace', '-')}#{event['log_level'].name}] "
+                    f"{line.replace(chr(10), chr(10) + chr(9))}\n")
+        else:
+            text = formatEventAsClassicLogText(event, formatTime=format_time)
         if text:
             sys.stderr.write(text)
             sys.stderr.flush()
