@@ -52,6 +52,12 @@ _PENDING = (State.QUEUED.value, State.DEFERRED.value, State.INFLIGHT.value)
 _NOT_FINAL = _PENDING + (State.HELD.value,)
 _CHUNK = 900  # rows per IN (...) list: under SQLite's default variable limit
 
+#: The columns enqueue writes, in the order of its parameter tuples.
+_MESSAGE_COLUMNS = ("id", "sender", "size", "eight_bit", "created_at", "subject",
+                    "message_id_header", "idempotency_key", "data")
+_RECIPIENT_COLUMNS = ("message_id", "position", "address", "domain", "state", "attempts",
+                      "queued_at", "next_attempt_at", "updated_at")
+
 _id_lock = threading.Lock()
 _id_counter = itertools.count(secrets.randbits(36))
 
@@ -105,6 +111,17 @@ class SQLSpool:
         # meet in the busy handler.
         self._write_lock = threading.Lock() if self.dialect == "sqlite" else None
         self._busy_timeout = busy_timeout
+        # enqueue's two INSERTs as driver SQL with positional parameters: the
+        # rows go to the DBAPI's executemany as plain tuples, without
+        # SQLAlchemy's per-call statement, cache-key and parameter processing.
+        self._insert_messages = self._driver_insert(M, _MESSAGE_COLUMNS)
+        self._insert_recipients = self._driver_insert(R, _RECIPIENT_COLUMNS)
+
+    def _driver_insert(self, table, columns: Sequence[str]) -> str:
+        quote = self.engine.dialect.identifier_preparer.quote
+        mark = "?" if self.engine.dialect.paramstyle == "qmark" else "%s"
+        return (f"INSERT INTO {quote(table.name)} ({', '.join(quote(c) for c in columns)}) "
+                f"VALUES ({', '.join([mark] * len(columns))})")
 
     # -- plumbing -------------------------------------------------------
 
@@ -161,8 +178,9 @@ class SQLSpool:
         for chunk in _chunks(keys):
             rows = conn.execute(select(M.c.idempotency_key, M.c.id).where(M.c.idempotency_key.in_(chunk)))
             known.update({k: i for k, i in rows})
-        message_rows: list[dict] = []
-        recipient_rows: list[dict] = []
+        message_rows: list[tuple] = []
+        recipient_rows: list[tuple] = []
+        queued = State.QUEUED.value
         for n, msg in enumerate(messages):
             key = msg.idempotency_key
             if key and key in known:
@@ -172,20 +190,14 @@ class SQLSpool:
             if key:
                 known[key] = qid
             ids[n] = qid
-            message_rows.append({
-                "id": qid, "sender": msg.sender, "size": msg.size, "eight_bit": msg.eight_bit,
-                "created_at": now, "subject": msg.subject, "message_id_header": msg.message_id,
-                "idempotency_key": key, "data": msg.data,
-            })
+            message_rows.append((qid, msg.sender, msg.size, bool(msg.eight_bit), now, msg.subject,
+                                 msg.message_id, key, bytes(msg.data)))
             for pos, address in enumerate(msg.recipients):
-                recipient_rows.append({
-                    "message_id": qid, "position": pos, "address": address,
-                    "domain": domain_of(address), "state": State.QUEUED.value, "attempts": 0,
-                    "queued_at": now, "next_attempt_at": now, "updated_at": now,
-                })
+                recipient_rows.append((qid, pos, address, domain_of(address), queued, 0, now, now, now))
         if message_rows:
-            conn.execute(insert(M), message_rows)
-            conn.execute(insert(R), recipient_rows)
+            conn.exec_driver_sql(self._insert_messages, message_rows)
+            if recipient_rows:
+                conn.exec_driver_sql(self._insert_recipients, recipient_rows)
             if self._notify:
                 conn.exec_driver_sql("NOTIFY relay_queue")
         return ids  # type: ignore[return-value]
