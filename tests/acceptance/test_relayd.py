@@ -295,3 +295,34 @@ def test_twisted_plugin_delivers_and_stops_cleanly(runner, spool_url, tmp_path, 
     assert sorted(message_id_of(m.data) for m in peer.log.messages) == [f"<{runner}-1@relay-tests>",
                                                                          f"<{runner}-2@relay-tests>"]
     assert not (workdir / "twistd.pid").exists() and not (REPO / "twistd.pid").exists()
+
+
+def test_two_nodes_share_one_spool_without_duplicates(spool_url, tmp_path, procs, peers, reader):
+    """Two relayd with distinct relay.node on one spool deliver 600 messages between them, each exactly once."""
+    total = 600
+    peer = peers("127.0.0.24")
+    configs = [write_config(tmp_path / f"relay-{name}.toml", spool_url=spool_url, node=name,
+                            route_host=peer.host, route_port=peer.port,
+                            extra={"delivery": {"batch_size": 50, "poll_interval": "0.1s",
+                                                "concurrency": 4, "per_domain_concurrency": 4}})
+               for name in ("node-a", "node-b")]
+    mbox = write_mbox(tmp_path / "shared.mbox",
+                      (message_bytes(n, f"user{n}@shared{n % 5}.test", "shared") for n in range(total)))
+    queued = relayctl("--config", str(configs[0]), "enqueue", "--mbox", str(mbox))
+    assert queued.returncode == 0, queued.stderr.decode()
+
+    daemons = [procs.relayd(config, name) for config, name in zip(configs, ("relayd-a", "relayd-b"))]
+    spool = reader()
+    wait_until(lambda: spool.counts()["delivered"] == total, 60, "both nodes to deliver everything")
+    for daemon in daemons:
+        daemon.signal(SIGTERM)
+    assert [d.wait(20) for d in daemons] == [0, 0]
+
+    arrivals = _arrivals(peer)
+    assert set(arrivals) == {f"<shared-{n}@relay-tests>" for n in range(total)}
+    assert max(arrivals.values()) == 1, "no recipient may be carried by both nodes"
+    lines = [len(re.findall(r"status=sent", d.stderr())) for d in daemons]
+    assert sum(lines) == total
+    if spool_url.startswith("postgresql"):
+        # SKIP LOCKED lets both nodes claim at once: each must have done a share.
+        assert min(lines) > 0, lines
