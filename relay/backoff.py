@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
 
-__all__ = ["JITTER", "RetryPolicy", "expires_at", "is_expired", "next_attempt_at", "retry_delay"]
+__all__ = ["JITTER", "expires_at", "is_expired", "next_attempt_at", "retry_delay"]
 
 #: Relative jitter: the delay is multiplied by a uniform factor in [1 - JITTER, 1 + JITTER].
 JITTER = 0.1
@@ -79,41 +78,3 @@ def next_attempt_at(
     _check_duration("max_lifetime", max_lifetime)
     delay = retry_delay(failures, initial=initial, maximum=maximum, rng=rng)
     return max(now, min(now + delay, expires_at(queued_at, max_lifetime)))
-
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """The ``retry.*`` settings, with the functions above as methods."""
-
-    initial: float
-    maximum: float
-    max_lifetime: float
-
-    def __post_init__(self) -> None:
-        _check_duration("initial", self.initial)
-        _check_duration("maximum", self.maximum)
-        _check_duration("max_lifetime", self.max_lifetime)
-
-    def delay(self, failures: int, rng: random.Random) -> float:
-        """See :func:`retry_delay`."""
-        return retry_delay(failures, initial=self.initial, maximum=self.maximum, rng=rng)
-
-    def next_attempt_at(self, failures: int, *, now: float, queued_at: float, rng: random.Random) -> float:
-        """See :func:`next_attempt_at`."""
-        return next_attempt_at(
-            failures,
-            now=now,
-            queued_at=queued_at,
-            initial=self.initial,
-            maximum=self.maximum,
-            max_lifetime=self.max_lifetime,
-            rng=rng,
-        )
-
-    def expires_at(self, queued_at: float) -> float:
-        """See :func:`expires_at`."""
-        return expires_at(queued_at, self.max_lifetime)
-
-    def is_expired(self, queued_at: float, now: float) -> bool:
-        """See :func:`is_expired`."""
-        return is_expired(queued_at, now, self.max_lifetime)

@@ -33,7 +33,7 @@ from twisted.logger import Logger
 
 from relay import backoff, dsn, logfmt, replies
 from relay.config import Config
-from relay.grouping import group_envelopes
+from relay.grouping import group_envelopes, split_expired
 from relay.model import (
     ClaimedMessage,
     ClaimedRecipient,
@@ -270,22 +270,13 @@ class DrainService(service.Service):
         self._claiming = None
         now = self.reactor.seconds()
         count = 0
-        live: list[ClaimedMessage] = []
         for message in messages:
             for r in message.recipients:
                 self._claimed[r.id] = r
                 count += 1
-            expired = [r for r in message.recipients
-                       if backoff.is_expired(r.queued_at, now, self.config.max_lifetime)]
-            if expired:
-                self._expire(message, expired, now)
-                rest = tuple(r for r in message.recipients if r not in expired)
-                if not rest:
-                    continue
-                message = ClaimedMessage(id=message.id, sender=message.sender, data=message.data,
-                                         size=message.size, eight_bit=message.eight_bit,
-                                         created_at=message.created_at, recipients=rest)
-            live.append(message)
+        live, expired = split_expired(messages, now=now, max_lifetime=self.config.max_lifetime)
+        for message in expired:
+            self._expire(message, now)
         groups = group_envelopes(live, lambda domain: destination_key(domain, self.config.routes))
         for key, envelopes in groups.items():
             dest = self._destinations.get(key)
@@ -303,8 +294,9 @@ class DrainService(service.Service):
             self._schedule_poll()
         self._check_idle()
 
-    def _expire(self, message: ClaimedMessage, expired: Sequence[ClaimedRecipient], now: float) -> None:
-        """Bounce recipients whose max_lifetime has passed, without an attempt."""
+    def _expire(self, message: ClaimedMessage, now: float) -> None:
+        """Bounce the recipients of ``message`` (all past max_lifetime), without an attempt."""
+        expired = message.recipients
         outcomes = [Outcome(recipient_id=r.id, state=State.BOUNCED, code=EXPIRED_CODE, response=EXPIRED_TEXT,
                             attempted=False) for r in expired]
         for r in expired:

@@ -9,7 +9,6 @@ import pytest
 
 from relay.backoff import (
     JITTER,
-    RetryPolicy,
     expires_at,
     is_expired,
     next_attempt_at,
@@ -127,17 +126,6 @@ def test_is_expired(queued_at, now, max_lifetime, expired):
     assert is_expired(queued_at, now, max_lifetime) is expired
 
 
-def test_retry_policy_methods_match_functions():
-    """RetryPolicy's methods give what the module functions give for the same settings."""
-    policy = RetryPolicy(initial=300.0, maximum=14400.0, max_lifetime=5 * DAY)
-    assert policy.delay(3, random.Random(9)) == retry_delay(3, initial=300.0, maximum=14400.0, rng=random.Random(9))
-    assert policy.next_attempt_at(2, now=50.0, queued_at=0.0, rng=random.Random(9)) == next_attempt_at(
-        2, now=50.0, queued_at=0.0, initial=300.0, maximum=14400.0, max_lifetime=5 * DAY, rng=random.Random(9)
-    )
-    assert policy.expires_at(10.0) == 10.0 + 5 * DAY
-    assert policy.is_expired(0.0, 5 * DAY) and not policy.is_expired(0.0, 5 * DAY - 0.5)
-
-
 @pytest.mark.parametrize(
     "settings",
     [
@@ -146,7 +134,7 @@ def test_retry_policy_methods_match_functions():
         {"initial": 300.0, "maximum": 14400.0, "max_lifetime": -DAY},  # negative lifetime
     ],
 )
-def test_retry_policy_rejects_bad_settings(settings):
-    """A RetryPolicy cannot be built from negative or non-finite durations."""
+def test_next_attempt_at_rejects_bad_settings(settings):
+    """Negative or non-finite retry settings are refused, never turned into a schedule."""
     with pytest.raises(ValueError):
-        RetryPolicy(**settings)
+        next_attempt_at(1, now=0.0, queued_at=0.0, rng=random.Random(1), **settings)
