@@ -36,6 +36,7 @@ def session(proto_class, chunks, max_size=10_000):
     factory = SubmissionFactory(settings, None)
     proto = factory.buildProtocol(None)
     proto.__class__ = proto_class
+    proto.callLater = task.Clock().callLater   # the idle timeout must not land on the global reactor
     transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 4321))
     proto.makeConnection(transport)
     for chunk in chunks:
