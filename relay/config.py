@@ -13,6 +13,7 @@ naming the key.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import socket
@@ -107,14 +108,32 @@ def redact_url(url: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class RouteConfig:
-    """One ``routes`` entry: a smarthost that replaces MX lookup for a domain."""
+class Route:
+    """One ``routes`` entry: a smarthost that replaces MX lookup.
+
+    ``tls`` is ``"none"``, ``"opportunistic"``, ``"required"`` or ``None``
+    (use ``delivery.tls``).  ``host`` is an IP literal (used as is; IPv6 may
+    be bracketed) or a name resolved with A + AAAA through the resolver.
+    """
 
     host: str
-    port: int = 25
-    tls: str | None = None          # None: the global delivery.tls
+    port: int
+    tls: str | None = None
     username: str | None = None
     password: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.host:
+            raise ValueError("a route needs a host")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"route port {self.port} is out of range")
+        if self.tls is not None and self.tls not in TLS_MODES:
+            raise ValueError(f"route tls {self.tls!r} is not none, opportunistic or required")
+
+    def __repr__(self) -> str:  # never show the password in logs
+        pw = None if self.password is None else "***"
+        return (f"Route(host={self.host!r}, port={self.port}, tls={self.tls!r}, "
+                f"username={self.username!r}, password={pw!r})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +157,7 @@ class Config:
     retry_initial: float = 300.0
     retry_maximum: float = 14400.0
     max_lifetime: float = 432000.0
-    routes: Mapping[str, RouteConfig] = field(default_factory=lambda: MappingProxyType({}))
+    routes: Mapping[str, Route] = field(default_factory=lambda: MappingProxyType({}))
     submission_listen: str = ""
     submission_users: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     max_message_size: int = 25_000_000
@@ -202,8 +221,37 @@ def _nameservers(value: object, key: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ConfigError(f"{key} must be a list of \"HOST\" or \"HOST:PORT\" strings, not {value!r}.")
     for v in value:
-        parse_hostport(v, key, default_port=53)
+        parse_nameserver(v)
     return tuple(value)
+
+
+def parse_nameserver(spec: str) -> tuple[str, int]:
+    """Parse one ``dns.nameservers`` entry: ``HOST``, ``HOST:PORT``,
+    ``[V6]``, ``[V6]:PORT`` or a bare IPv6 address; the host must be an IP
+    address (twisted.names needs one).  Raises ConfigError."""
+    s = spec.strip()
+    port = 53
+    if s.startswith("["):
+        end = s.find("]")
+        host, rest = s[1:end], s[end + 1:]
+        if end < 0 or (rest and not rest.startswith(":")):
+            raise ConfigError(f"dns.nameservers entry {spec!r} is not HOST, HOST:PORT or [IPv6]:PORT.")
+        port_text = rest[1:] if rest else None
+    elif s.count(":") == 1:
+        host, port_text = s.split(":")
+    else:
+        host, port_text = s, None
+    if port_text is not None:
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise ConfigError(f"dns.nameservers entry {spec!r} has a bad port.")
+        port = int(port_text)
+    try:
+        address = str(ipaddress.ip_address(host))
+    except ValueError:
+        raise ConfigError(
+            f"dns.nameservers entry {spec!r} must be an IP address (optionally with :PORT)."
+        ) from None
+    return address, port
 
 
 def _users(value: object, key: str) -> Mapping[str, str]:
@@ -215,10 +263,10 @@ def _users(value: object, key: str) -> Mapping[str, str]:
 _ROUTE_KEYS = {"host", "port", "tls", "username", "password"}
 
 
-def _routes(value: object, key: str) -> Mapping[str, RouteConfig]:
+def _routes(value: object, key: str) -> Mapping[str, Route]:
     if not isinstance(value, dict):
         raise ConfigError(f"{key} must be a table of domain = {{ host = ..., port = ... }}.")
-    routes: dict[str, RouteConfig] = {}
+    routes: dict[str, Route] = {}
     for domain, spec in value.items():
         where = f"{key}.{domain}" if re.fullmatch(r"[\w.-]+", domain) else f'{key}."{domain}"'
         if not isinstance(spec, dict):
@@ -233,7 +281,7 @@ def _routes(value: object, key: str) -> Mapping[str, RouteConfig]:
         password = spec.get("password")
         if (username is None) != (password is None):
             raise ConfigError(f"{where} needs both username and password, or neither.")
-        routes[domain.lower().rstrip(".") if domain != "*" else "*"] = RouteConfig(
+        routes[domain.lower().rstrip(".") if domain != "*" else "*"] = Route(
             host=_nonempty_string(spec["host"], f"{where}.host"),
             port=_port(spec.get("port", 25), f"{where}.port"),
             tls=_tls(spec["tls"], f"{where}.tls") if "tls" in spec else None,

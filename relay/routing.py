@@ -47,7 +47,7 @@ from twisted.mail.relaymanager import MXCalculator
 from twisted.names import client, dns, error, hosts, resolve
 from zope.interface import Attribute, Interface, implementer
 
-from relay.errors import ConfigError
+from relay.config import Route, parse_nameserver
 
 __all__ = [
     "DNS_TIMEOUT",
@@ -77,39 +77,7 @@ MAX_CNAME_DEPTH = 8
 #: How long a host marked bad stays at the end of the host list (seconds).
 BAD_HOST_SECONDS = 3600
 
-_TLS_MODES = (None, "none", "opportunistic", "required")
-
-
 # -- values ------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Route:
-    """One ``routes`` entry: a smarthost that replaces MX lookup.
-
-    ``tls`` is ``"none"``, ``"opportunistic"``, ``"required"`` or ``None``
-    (use ``delivery.tls``).  ``host`` is an IP literal (used as is; IPv6 may
-    be bracketed) or a name resolved with A + AAAA through the resolver.
-    """
-
-    host: str
-    port: int
-    tls: str | None = None
-    username: str | None = None
-    password: str | None = None
-
-    def __post_init__(self) -> None:
-        if not self.host:
-            raise ValueError("a route needs a host")
-        if not 0 < self.port < 65536:
-            raise ValueError(f"route port {self.port} is out of range")
-        if self.tls not in _TLS_MODES:
-            raise ValueError(f"route tls {self.tls!r} is not none, opportunistic or required")
-
-    def __repr__(self) -> str:  # never show the password in logs
-        pw = None if self.password is None else "***"
-        return (f"Route(host={self.host!r}, port={self.port}, tls={self.tls!r}, "
-                f"username={self.username!r}, password={pw!r})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,35 +184,6 @@ def _to_ascii(name: str) -> str:
 
 def _unique(items: Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(items))
-
-
-def parse_nameserver(spec: str) -> tuple[str, int]:
-    """Parse one ``dns.nameservers`` entry: ``HOST``, ``HOST:PORT``,
-    ``[V6]``, ``[V6]:PORT`` or a bare IPv6 address; the host must be an IP
-    address (twisted.names needs one).  Raises ConfigError."""
-    s = spec.strip()
-    port = 53
-    if s.startswith("["):
-        end = s.find("]")
-        host, rest = s[1:end], s[end + 1:]
-        if end < 0 or (rest and not rest.startswith(":")):
-            raise ConfigError(f"dns.nameservers entry {spec!r} is not HOST, HOST:PORT or [IPv6]:PORT.")
-        port_text = rest[1:] if rest else None
-    elif s.count(":") == 1:
-        host, port_text = s.split(":")
-    else:
-        host, port_text = s, None
-    if port_text is not None:
-        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-            raise ConfigError(f"dns.nameservers entry {spec!r} has a bad port.")
-        port = int(port_text)
-    try:
-        address = str(ipaddress.ip_address(host))
-    except ValueError:
-        raise ConfigError(
-            f"dns.nameservers entry {spec!r} must be an IP address (optionally with :PORT)."
-        ) from None
-    return address, port
 
 
 def make_resolver(nameservers: Sequence[str], reactor: Any, *,

@@ -137,6 +137,7 @@ from twisted.protocols import basic
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from relay.config import TLS_MODES
 from relay.model import Envelope, HostFailure, RecipientResult
 
 __all__ = ["SessionEnd", "open_session", "to_wire", "SINGLE_WRITE_MAX", "TLS_MODES"]
@@ -148,7 +149,6 @@ _log = Logger(namespace="relay.smtpclient")
 SINGLE_WRITE_MAX = 64 * 1024
 
 #: Accepted values of ``open_session(tls=...)``.
-TLS_MODES = ("none", "opportunistic", "required")
 
 _SUCCESS = smtp.SUCCESS  # dict of 200..299
 

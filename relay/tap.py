@@ -19,7 +19,7 @@ from twisted.python import usage
 from relay.config import Config, load_config, redact_url
 from relay.drain import DrainService
 from relay.metrics import RelayMetrics, build_metrics_service
-from relay.routing import Route, Router, make_resolver
+from relay.routing import Router, make_resolver
 from relay.spool import open_spool
 from relay.spool.deferred import DeferredSpool
 from relay.submission import build_submission_service, check_submission_config
@@ -80,9 +80,7 @@ def build_service(config: Config, reactor=None, *, trust_root=None) -> RelayServ
     deferred_spool = DeferredSpool(spool, reactor, threads=3)
     top = RelayService(config, deferred_spool)
     resolver = make_resolver(config.nameservers, reactor)
-    routes = {domain: Route(host=r.host, port=r.port, tls=r.tls, username=r.username, password=r.password)
-              for domain, r in config.routes.items()}
-    router = Router(resolver=resolver, clock=reactor, routes=routes, port=config.delivery_port)
+    router = Router(resolver=resolver, clock=reactor, routes=config.routes, port=config.delivery_port)
     metrics = RelayMetrics(max_lifetime=config.max_lifetime, clock=reactor)
     drain = DrainService(config=config, spool=deferred_spool, router=router, reactor=reactor,
                          trust_root=trust_root, metrics=metrics, linger=LINGER,

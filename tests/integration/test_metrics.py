@@ -20,7 +20,7 @@ from twisted.web.client import Agent, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 
-from relay.config import Config, RouteConfig
+from relay.config import Config, Route
 from relay.errors import RelayError, SpoolUnavailable
 from relay.message import parse_message
 from relay.metrics import REASONS, MetricsService, RelayMetrics, build_metrics_service, reason_class
@@ -282,7 +282,7 @@ class MetricsScenarios:
         self.addCleanup(peer.stop)
         config = Config(hostname="relay.test", node="node-a", spool_url=self.spool_url, spool_busy_timeout=5.0,
                         nameservers=("127.0.0.1:1",),     # never asked ('*' routes to an address)
-                        routes={"*": RouteConfig(host="127.0.0.1", port=peer.port, tls="none")},
+                        routes={"*": Route(host="127.0.0.1", port=peer.port, tls="none")},
                         connect_timeout=2.0, command_timeout=5.0, tls="none", poll_interval=0.1,
                         batch_size=50, retry_initial=600.0, retry_maximum=600.0,
                         metrics_listen=f"127.0.0.1:{free_port()}")
@@ -324,7 +324,7 @@ class MetricsScenarios:
         import smtplib
         listen = f"127.0.0.1:{free_port()}"
         config = Config(hostname="relay.test", node="node-a", spool_url=self.spool_url,
-                        nameservers=("127.0.0.1:1",), routes={"*": RouteConfig(host="127.0.0.1", port=1)},
+                        nameservers=("127.0.0.1:1",), routes={"*": Route(host="127.0.0.1", port=1)},
                         retry_initial=600.0, retry_maximum=600.0, poll_interval=0.1,
                         submission_listen=listen, metrics_listen=f"127.0.0.1:{free_port()}")
         top = build_service(config, reactor)

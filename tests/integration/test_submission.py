@@ -24,7 +24,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 
-from relay.config import Config, RouteConfig
+from relay.config import Config, Route
 from relay.errors import ConfigError, RelayError, SpoolUnavailable
 from relay.model import State
 from relay.spool import open_spool
@@ -159,7 +159,7 @@ class SubmissionScenarios:
         self.addCleanup(peer.stop)
         # A long poll interval: only the listener's on_enqueued (drain.wake) gets the mail out quickly.
         config = self.config(poll_interval=60.0, nameservers=(f"127.0.0.1:{free_port()}",),
-                             routes={"*": RouteConfig(host="127.0.0.1", port=peer.port, tls="none")})
+                             routes={"*": Route(host="127.0.0.1", port=peer.port, tls="none")})
         top = build_service(config, reactor)
         top.startService()
         self.addCleanup(top.stopService)

@@ -1,0 +1,35 @@
+"""Configuration values that other modules rely on being checked up front."""
+
+from __future__ import annotations
+
+import pytest
+
+from relay.config import Route, load_config
+from relay.errors import ConfigError
+
+
+def _load(tmp_path, text: str):
+    path = tmp_path / "relay.toml"
+    path.write_text(text)
+    return load_config(path, environ={})
+
+
+def test_nameserver_must_be_an_ip_address(tmp_path):
+    """A host name in dns.nameservers is refused when the file is read, not later by the resolver."""
+    with pytest.raises(ConfigError, match="must be an IP address"):
+        _load(tmp_path, '[dns]\nnameservers = ["dns.example.test"]\n')
+
+
+def test_nameservers_with_ports_are_accepted(tmp_path):
+    """IPv4 and bracketed IPv6 name servers, with or without a port, load unchanged."""
+    config = _load(tmp_path, '[dns]\nnameservers = ["127.0.0.1:5353", "[::1]:53", "127.0.0.2"]\n')
+    assert config.nameservers == ("127.0.0.1:5353", "[::1]:53", "127.0.0.2")
+
+
+def test_routes_become_route_values_without_showing_passwords(tmp_path):
+    """A routes entry loads as the Route the router uses, and its repr hides the password."""
+    config = _load(tmp_path, '[routes."Example.TEST"]\nhost = "127.0.0.1"\nport = 2525\n'
+                             'username = "u"\npassword = "s3cret"\n')
+    route = config.routes["example.test"]
+    assert route == Route(host="127.0.0.1", port=2525, username="u", password="s3cret")
+    assert "s3cret" not in repr(route)
