@@ -268,6 +268,19 @@ class DrainService(service.Service):
 
     def _claimed_batch(self, messages: list[ClaimedMessage], limit: int) -> None:
         self._claiming = None
+        count = self._take_in(messages)
+        woken, self._woken = self._woken, False
+        if count >= limit and not self._stopping:
+            self._schedule_poll(0)       # more is due right now
+        elif woken and not self._stopping:
+            self._schedule_poll(self._wake_delay())   # new mail arrived during the claim
+        else:
+            self._schedule_poll()
+        self._check_idle()
+
+    def _take_in(self, messages: list[ClaimedMessage]) -> int:
+        """Book claimed messages, bounce the expired, queue the rest per
+        destination and dispatch; the number of recipients taken in."""
         now = self.reactor.seconds()
         count = 0
         for message in messages:
@@ -285,13 +298,32 @@ class DrainService(service.Service):
             dest.queue.extend(envelopes)
             dest.backlog += sum(len(e.recipients) for e in envelopes)
         self._dispatch()
-        woken, self._woken = self._woken, False
-        if count >= limit and not self._stopping:
-            self._schedule_poll(0)       # more is due right now
-        elif woken and not self._stopping:
-            self._schedule_poll(self._wake_delay())   # new mail arrived during the claim
-        else:
-            self._schedule_poll()
+        return count
+
+    # -- hand-off from the submission listener --------------------------
+
+    def claim_terms(self) -> tuple[str, float] | None:
+        """(node, lease) under which the listener may queue mail already claimed
+        for this drain (``ISpool.enqueue_claimed``), or None when the drain is
+        stopping or has as much claimed as it takes (the mail is then queued
+        unclaimed and claimed later, by this node or another)."""
+        if self._stopping or not self.running or len(self._claimed) >= self.max_claimed:
+            return None
+        return self.node, self.config.lease
+
+    def adopt(self, messages: list[ClaimedMessage]) -> None:
+        """Deliver messages that were queued already claimed for this node:
+        the submission listener's hand-off, which skips a claim transaction."""
+        if not messages:
+            return
+        if self._stopping or not self.running:
+            # Committed while stopping: give them back to the queue at once.
+            ids = [r.id for m in messages for r in m.recipients]
+            d = self.spool.release(self.node, ids, self.reactor.seconds())
+            d.addErrback(lambda f: log.error("could not release {n} recipient(s); their leases will expire",
+                                             n=len(ids)))
+            return
+        self._take_in(messages)
         self._check_idle()
 
     def _expire(self, message: ClaimedMessage, now: float) -> None:

@@ -28,6 +28,17 @@ class ISpool(Interface):
             locked or full; nothing was queued.
         """
 
+    def enqueue_claimed(messages, now, node, lease):
+        """C{enqueue}, with the new recipients claimed for C{node} until
+        C{now + lease} in the same transaction (relayd's listener hands what
+        it accepts straight to its own drain).  Other nodes are not woken.
+
+        @return: a tuple (queue ids in input order, the newly queued messages
+            as L{relay.model.ClaimedMessage}s); a message whose idempotency
+            key was already in the spool is not among the claimed.
+        @raise relay.errors.SpoolUnavailable: as C{enqueue}.
+        """
+
     def claim(node, now, lease, limit, exclude_domains=()):
         """Claim up to C{limit} due recipients for C{node} until C{now + lease}.
 

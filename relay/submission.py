@@ -127,11 +127,15 @@ class GroupCommitter:
     ``max_batch_bytes``), so there is never more than one commit in flight.
     """
 
-    def __init__(self, spool, clock, *, on_committed: Callable[[int], None] = lambda n: None,
-                 max_batch: int = MAX_BATCH, max_batch_bytes: int = MAX_BATCH_BYTES):
+    def __init__(self, spool, clock, *, on_committed: Callable[[int, bool], None] = lambda n, handed_off: None,
+                 handoff=None, max_batch: int = MAX_BATCH, max_batch_bytes: int = MAX_BATCH_BYTES):
         self._spool = spool
         self._clock = clock
         self._on_committed = on_committed
+        #: relayd's drain (``claim_terms()``, ``adopt(messages)``): when it has
+        #: room, a batch is queued already claimed for it and handed over, and
+        #: ``on_committed`` is not called (nothing else needs waking).
+        self._handoff = handoff
         self._max_batch = max_batch
         self._max_bytes = max_batch_bytes
         self._pending: deque[tuple[NewMessage, defer.Deferred]] = deque()
@@ -183,8 +187,13 @@ class GroupCommitter:
             size += message.size
         self._inflight = True
         self.commits += 1
+        messages = [m for m, _ in batch]
+        terms = self._handoff.claim_terms() if self._handoff is not None else None
         try:
-            d = self._spool.enqueue([m for m, _ in batch], self._clock.seconds())
+            if terms is None:
+                d = self._spool.enqueue(messages, self._clock.seconds())
+            else:
+                d = self._spool.enqueue_claimed(messages, self._clock.seconds(), *terms)
         except Exception:  # noqa: BLE001 - a synchronous failure is reported like an asynchronous one
             d = defer.fail()
         d.addBoth(self._done, batch)
@@ -200,12 +209,15 @@ class GroupCommitter:
             for _, d in batch:
                 d.errback(result)
         else:
-            # The 250s first: the hook (relayd: wake the drain, which starts a
-            # claim on the spool's threads) would otherwise delay them.
-            for (_, d), qid in zip(batch, result):
+            ids, claimed = result if isinstance(result, tuple) else (result, None)
+            # The 250s first: the hooks (relayd: start delivering, or wake the
+            # drain, which claims on the spool's threads) would otherwise delay them.
+            for (_, d), qid in zip(batch, ids):
                 d.callback(qid)
             try:
-                self._on_committed(len(batch))
+                if claimed is not None:
+                    self._handoff.adopt(claimed)
+                self._on_committed(len(batch), claimed is not None)
             except Exception:  # noqa: BLE001 - never lose the 250s over a hook
                 log.failure("after-commit hook failed")
         self._check_idle()
@@ -862,11 +874,13 @@ def check_submission_config(config: Config) -> tuple[str, int] | None:
 
 def build_submission_service(config: Config, spool, reactor, *,
                              on_enqueued: Callable[[], None] = lambda: None,
-                             metrics=None) -> service.Service | None:
+                             handoff=None, metrics=None) -> service.Service | None:
     """The submission listener for ``config`` (None when ``submission.listen`` is empty).
 
-    ``spool`` is the DeferredSpool; ``on_enqueued`` runs after every commit
-    (relayd passes ``DrainService.wake``); ``metrics`` (optional) gets
+    ``spool`` is the DeferredSpool; ``handoff`` (relayd's DrainService,
+    optional) takes accepted mail already claimed (see GroupCommitter);
+    ``on_enqueued`` runs after every commit that was not handed off (relayd
+    passes ``DrainService.wake``); ``metrics`` (optional) gets
     ``enqueued(n)``.  Raises ConfigError as :func:`check_submission_config`.
     """
     where = check_submission_config(config)
@@ -874,16 +888,17 @@ def build_submission_service(config: Config, spool, reactor, *,
         return None
     host, port = where
 
-    def committed(n: int) -> None:
+    def committed(n: int, handed_off: bool) -> None:
         if metrics is not None:
             try:
                 metrics.enqueued(n)
             except Exception:  # noqa: BLE001
                 log.failure("metrics.enqueued failed")
-        on_enqueued()
+        if not handed_off:
+            on_enqueued()
 
     settings = _Settings(hostname=config.hostname, max_size=config.max_message_size,
-                         committer=GroupCommitter(spool, reactor, on_committed=committed),
+                         committer=GroupCommitter(spool, reactor, on_committed=committed, handoff=handoff),
                          requires_auth=bool(config.submission_users))
     portal = None
     if config.submission_users:

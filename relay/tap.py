@@ -91,7 +91,7 @@ def build_service(config: Config, reactor=None, *, trust_root=None) -> RelayServ
     if wakeup is not None:
         wakeup.setServiceParent(top)
     submission = build_submission_service(config, deferred_spool, reactor, on_enqueued=drain.wake,
-                                          metrics=metrics)
+                                          handoff=drain, metrics=metrics)
     if submission is not None:
         submission.setServiceParent(top)
     metrics_service = build_metrics_service(config, metrics, deferred_spool, reactor)

@@ -64,6 +64,10 @@ class DeferredSpool:
     def enqueue(self, messages: Sequence[NewMessage], now: float) -> "Deferred[list[str]]":
         return self._run(self.spool.enqueue, list(messages), now)
 
+    def enqueue_claimed(self, messages: Sequence[NewMessage], now: float, node: str,
+                        lease: float) -> "Deferred[tuple[list[str], list[ClaimedMessage]]]":
+        return self._run(self.spool.enqueue_claimed, list(messages), now, node, lease)
+
     def status(self, now: float) -> "Deferred[SpoolStatus]":
         return self._run(self.spool.status, now)
 

@@ -47,6 +47,9 @@ def create_spool_engine(url: str, *, busy_timeout: float = 5.0, pool_size: int =
             url,
             connect_args={"timeout": busy_timeout, "check_same_thread": False},
             pool_size=pool_size, max_overflow=pool_size,
+            # The most recently used connection first: its page cache is the
+            # warmest (a connection rereads what others changed since it last ran).
+            pool_use_lifo=True,
         )
 
         @event.listens_for(engine, "connect")
@@ -68,6 +71,7 @@ def create_spool_engine(url: str, *, busy_timeout: float = 5.0, pool_size: int =
     return create_engine(
         url,
         pool_pre_ping=True,
+        pool_use_lifo=True,
         pool_size=pool_size,
         max_overflow=pool_size,
         connect_args={"connect_timeout": max(1, int(busy_timeout))},

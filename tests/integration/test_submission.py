@@ -157,7 +157,7 @@ class SubmissionScenarios:
         """smtplib -> listener -> spool (envelope, data, Received) -> relayd -> the peer, byte for byte."""
         peer = SMTPPeer("127.0.0.1").start()
         self.addCleanup(peer.stop)
-        # A long poll interval: only the listener's on_enqueued (drain.wake) gets the mail out quickly.
+        # A long poll interval: only the listener's hand-off to the drain gets the mail out quickly.
         config = self.config(poll_interval=60.0, nameservers=(f"127.0.0.1:{free_port()}",),
                              routes={"*": Route(host="127.0.0.1", port=peer.port, tls="none")})
         top = build_service(config, reactor)

@@ -193,6 +193,73 @@ def test_enqueue_is_atomic(spool, spoil, monkeypatch):
     assert len(set(ids)) == 5 and spool.status(T0 + 1).messages == 5
 
 
+# -- enqueue_claimed (relayd's listener hands its mail to its own drain) ----
+
+
+def test_enqueue_claimed_queues_and_claims_in_one_step(spool):
+    """The new recipients are in flight for the node, with the ids show() and record() know."""
+    msgs = [new_message("a@example.org", "b@example.net", subject="one"), new_message("c@example.org", subject="two")]
+    ids, claimed = spool.enqueue_claimed(msgs, T0, "node-a", LEASE)
+    assert len(set(ids)) == 2 and [m.id for m in claimed] == ids
+    assert [[r.address for r in m.recipients] for m in claimed] == [["a@example.org", "b@example.net"],
+                                                                    ["c@example.org"]]
+    assert [r.domain for r in claimed[0].recipients] == ["example.org", "example.net"]
+    assert all(r.attempts == 0 and r.queued_at == T0 and r.message_id == m.id
+               for m in claimed for r in m.recipients)
+    assert claimed[0].data == msgs[0].data and claimed[0].sender == msgs[0].sender
+    assert claimed[0].size == msgs[0].size and claimed[0].created_at == T0
+    assert states(spool, ids[0]) == [State.INFLIGHT, State.INFLIGHT]
+    assert spool.status(T0).recipients["inflight"] == 3
+    # Nobody else gets them while the lease lives; the owner renews and records them.
+    assert spool.claim("node-b", T0 + LEASE - 1, LEASE, limit=10) == []
+    assert spool.renew("node-a", T0 + 1, LEASE) == 3
+    first = claimed[0].recipients[0].id
+    spool.record("node-a", T0 + 2, [Outcome(recipient_id=first, state=State.DELIVERED, code=250, response="ok")])
+    assert states(spool, ids[0]) == [State.DELIVERED, State.INFLIGHT]
+
+
+def test_enqueue_claimed_lease_expires_like_a_claim(spool):
+    """If the node never records them (it died), they are claimed again after the lease."""
+    ids, claimed = spool.enqueue_claimed([new_message("a@example.org")], T0, "node-a", LEASE)
+    again = spool.claim("node-b", T0 + LEASE + 1, LEASE, limit=10)
+    assert recipient_ids(again) == recipient_ids(claimed) and again[0].id == ids[0]
+    assert spool.recover("node-a", T0 + LEASE + 2) == 0
+
+
+def test_enqueue_claimed_recovered_by_its_node(spool):
+    """A restarted node takes back what it queued claimed, as it does its claims."""
+    ids, _ = spool.enqueue_claimed([new_message("a@example.org")], T0, "node-a", LEASE)
+    assert spool.recover("node-a", T0 + 1) == 1
+    assert states(spool, ids[0]) == [State.QUEUED]
+
+
+def test_enqueue_claimed_known_idempotency_key_is_not_claimed(spool):
+    """A message already in the spool (same idempotency key) keeps its id and is not claimed again."""
+    first = enqueue_one(spool, "a@example.org", key="k-1")
+    ids, claimed = spool.enqueue_claimed([new_message("a@example.org", key="k-1"),
+                                          new_message("b@example.org", subject="new")], T0, "node-a", LEASE)
+    assert ids[0] == first and [m.id for m in claimed] == [ids[1]]
+    assert states(spool, first) == [State.QUEUED]
+
+
+def test_enqueue_claimed_empty_batch(spool):
+    assert spool.enqueue_claimed([], T0, "node-a", LEASE) == ([], [])
+
+
+@pytest.mark.parametrize("spoil", [_data_not_bytes, _null_sender, _null_domain],
+                         ids=lambda spoil: spoil.__name__.strip("_"))
+def test_enqueue_claimed_is_atomic(spool, spoil, monkeypatch):
+    """A batch with one bad row fails as a whole, leaves nothing behind, and the next one works."""
+    good = [new_message(f"user{n}@example.org") for n in range(5)]
+    bad = spoil(new_message("last@example.org"), monkeypatch)
+    with pytest.raises(Exception):   # the contract only promises "nothing was queued"
+        spool.enqueue_claimed(good + [bad], T0, "node-a", LEASE)
+    assert_empty(spool)
+    monkeypatch.undo()
+    ids, claimed = spool.enqueue_claimed(good, T0 + 1, "node-a", LEASE)
+    assert len(set(ids)) == 5 and len(claimed) == 5 and spool.status(T0 + 1).recipients["inflight"] == 5
+
+
 # -- claims ---------------------------------------------------------------
 
 

@@ -1121,3 +1121,46 @@ class TestGracefulStop:
         assert sorted(h.spool.recipients[o.recipient_id].address for o in h.spool.outcomes) == \
             ["a@x.test", "b@x.test"]
         claimed_union_check(h)
+
+
+class TestHandoff:
+    """Mail the submission listener queued already claimed (ISpool.enqueue_claimed)."""
+
+    def test_adopted_messages_are_delivered_and_recorded_without_a_claim(self):
+        h = Harness(poll_interval=60.0)
+        h.start()
+        claims_before = len(h.spool.claims)
+        assert h.drain.claim_terms() == (NODE, 30.0)
+        messages = [make_message("a@x.test", "b@x.test"), make_message("c@y.test")]
+        for m in messages:
+            for r in m.recipients:
+                h.spool.recipients[r.id] = r
+        h.drain.adopt(messages)
+        assert sorted(s.host_name for s in h.opener.sessions) == ["mx.x.test", "mx.y.test"]
+        h.drive()
+        assert len(h.spool.claims) == claims_before
+        assert sorted(h.spool.recipients[o.recipient_id].address for o in h.spool.outcomes) == \
+            ["a@x.test", "b@x.test", "c@y.test"]
+        assert {o.state for o in h.spool.outcomes} == {State.DELIVERED}
+        assert h.is_idle()
+
+    def test_no_terms_when_full_or_stopping(self):
+        h = Harness(batch_size=4, concurrency=1, poll_interval=60.0)
+        h.start()
+        assert h.drain.max_claimed == 8
+        h.drain.adopt([make_message(*(f"u{i}@x.test" for i in range(8)))])
+        assert h.drain.claim_terms() is None          # as much claimed as it takes
+        h.drive()
+        assert h.drain.claim_terms() == (NODE, 30.0)
+        h.drain.stopService()
+        assert h.drain.claim_terms() is None
+
+    def test_adopted_while_stopped_are_released(self):
+        h = Harness(poll_interval=60.0)
+        h.start()
+        h.drain.stopService()
+        h.settle()
+        message = make_message("a@x.test")
+        h.drain.adopt([message])
+        assert h.spool.released_ids == [message.recipients[0].id]
+        assert h.opener.sessions == []
