@@ -139,6 +139,7 @@ from zope.interface import implementer
 
 from relay.config import TLS_MODES
 from relay.model import Envelope, HostFailure, RecipientResult
+from relay.sendnow import write_now
 
 __all__ = ["SessionEnd", "open_session", "to_wire", "SINGLE_WRITE_MAX", "TLS_MODES"]
 
@@ -322,7 +323,7 @@ class _RelayClient(smtp.ESMTPClient):
     def sendLine(self, line: bytes) -> None:
         # SMTPClient.sendLine appends to the LineLog when debug is on; we
         # never log (secrets) and skip the extra call.
-        self.transport.write(line + b"\r\n")
+        write_now(self.transport, line + b"\r\n")
 
     def _reset_transaction(self) -> None:
         self._env: Envelope | None = None
@@ -731,7 +732,7 @@ class _RelayClient(smtp.ESMTPClient):
         self._failresponse = self._early_reply
         transport = self.transport
         if len(wire) <= self.single_write_max or getattr(transport, "producer", None) is not None:
-            transport.write(wire)
+            write_now(transport, wire)
             self._dot_written()
             return
         self._body_left = len(wire)

@@ -62,6 +62,7 @@ from relay.config import Config, parse_hostport
 from relay.errors import BadMessage, ConfigError, RelayError, SpoolUnavailable
 from relay.message import parse_message, validate_address, validate_sender
 from relay.model import NewMessage
+from relay.sendnow import write_now
 
 log = Logger(namespace="relay.submission")
 
@@ -478,6 +479,16 @@ class SubmissionProtocol(smtp.ESMTP):
         d: defer.Deferred = defer.Deferred()
         self._closed_waiters.append(d)
         return d
+
+    def sendCode(self, code, message=b""):
+        """A reply, in one write sent at once (Twisted's writes each line and
+        sends at the next reactor turn)."""
+        lines = message.splitlines() or [b""]
+        prefix = b"%03d" % code
+        out = [prefix + b"-" + line for line in lines[:-1]]
+        out.append(prefix + b" " + lines[-1])
+        out.append(b"")
+        write_now(self.transport, b"\r\n".join(out))
 
     def greeting(self):
         return self.host + b" ESMTP relay"

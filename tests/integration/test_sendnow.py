@@ -1,0 +1,78 @@
+"""write_now on real loopback TCP connections: bytes arrive complete and in
+order, whether sent at once or left to the reactor (data already buffered, a
+transport that is not plain TCP)."""
+
+from __future__ import annotations
+
+from twisted.internet import defer, protocol, reactor, tcp
+from twisted.internet.testing import StringTransport
+from twisted.trial import unittest
+
+from relay.sendnow import write_now
+
+
+class Collect(protocol.Protocol):
+    def __init__(self, expected: int):
+        self.expected = expected
+        self.data = b""
+        self.done = defer.Deferred()
+
+    def dataReceived(self, data):
+        self.data += data
+        if len(self.data) >= self.expected and not self.done.called:
+            self.done.callback(self.data)
+
+
+class Writer(protocol.Protocol):
+    """Writes its script on connect; records whether write_now left the bytes to the reactor."""
+
+    def __init__(self, script):
+        self.script = script
+        self.buffered_after: list[int] = []
+
+    def connectionMade(self):
+        for how, data in self.script:
+            if how == "now":
+                write_now(self.transport, data)
+            else:
+                self.transport.write(data)
+            self.buffered_after.append(self.transport._tempDataLen)
+
+
+class WriteNowTests(unittest.TestCase):
+
+    @defer.inlineCallbacks
+    def _exchange(self, script):
+        expected = sum(len(d) for _, d in script)
+        receiver = Collect(expected)
+        writer = Writer(script)
+        server = protocol.ServerFactory.forProtocol(lambda: writer)
+        port = reactor.listenTCP(0, server, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        connected = defer.Deferred()
+        factory = protocol.ClientFactory.forProtocol(lambda: receiver)
+        factory.clientConnectionFailed = lambda c, reason: connected.errback(reason)
+        connector = reactor.connectTCP("127.0.0.1", port.getHost().port, factory)
+        self.addCleanup(connector.disconnect)
+        data = yield receiver.done
+        return writer, data
+
+    @defer.inlineCallbacks
+    def test_sent_at_once_when_nothing_is_buffered(self):
+        writer, data = yield self._exchange([("now", b"220 hello\r\n"), ("now", b"250 ok\r\n")])
+        self.assertEqual(data, b"220 hello\r\n250 ok\r\n")
+        self.assertEqual(writer.buffered_after, [0, 0])     # nothing was left to the reactor
+        self.assertIsInstance(writer.transport, tcp.Server)
+
+    @defer.inlineCallbacks
+    def test_order_is_kept_behind_buffered_data(self):
+        big = b"x" * (4 * 1024 * 1024)     # more than the socket takes at once
+        writer, data = yield self._exchange([("now", big), ("now", b"after\r\n"), ("write", b"last\r\n")])
+        self.assertEqual(len(data), len(big) + 13)
+        self.assertTrue(data.endswith(b"after\r\nlast\r\n"))
+        self.assertGreater(writer.buffered_after[1], 0)     # queued behind the rest of ``big``
+
+    def test_other_transports_get_an_ordinary_write(self):
+        transport = StringTransport()
+        write_now(transport, b"250 ok\r\n")
+        self.assertEqual(transport.value(), b"250 ok\r\n")
