@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _start_logging() -> None:
+def _start_logging():
     import time
 
     from twisted.logger import FilteringLogObserver, LogLevel, LogLevelFilterPredicate, globalLogBeginner
@@ -62,6 +62,34 @@ def _start_logging() -> None:
     predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
     globalLogBeginner.beginLoggingTo([FilteringLogObserver(to_stderr, [predicate])],
                                      redirectStandardIO=False)
+    return format_time
+
+
+class AttemptLines:
+    """The drain's one line per recipient per attempt, written to stderr as
+    ``to_stderr`` would write a ``log.info("{line}", line=...)`` event from
+    the ``relay`` namespace, without the logging pipeline: lines are gathered
+    and written once per reactor turn (one write for a whole batch)."""
+
+    def __init__(self, reactor, format_time, stream=None):
+        self.reactor = reactor
+        self.format_time = format_time
+        self.stream = stream if stream is not None else sys.stderr
+        self._lines: list[str] = []
+        self._flush_call = None
+
+    def __call__(self, line: str) -> None:
+        import time
+        self._lines.append(f"{self.format_time(time.time())} [relay#info] {line.replace(chr(10), chr(10) + chr(9))}\n")
+        if self._flush_call is None:
+            self._flush_call = self.reactor.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        self._flush_call = None
+        lines, self._lines = self._lines, []
+        if lines:
+            self.stream.write("".join(lines))
+            self.stream.flush()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,17 +100,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config)
         from twisted.internet import reactor
-        top = build_service(config, reactor)
+        attempt_lines = AttemptLines(reactor, format_time=None)
+        top = build_service(config, reactor, attempt_log=attempt_lines)
     except RelayError as e:
         # One sentence and the sysexits code; the sentence names the spool
         # when it is the spool that failed, so no start-up line before it.
         print(f"relayd: {e}", file=sys.stderr)
         return e.exit_code
     print(describe(config), file=sys.stderr, flush=True)
-    _start_logging()
+    attempt_lines.format_time = _start_logging()
     reactor.callWhenRunning(top.startService)
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
     reactor.run()
+    attempt_lines.flush()
     return 0
 
 

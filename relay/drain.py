@@ -92,7 +92,8 @@ class DrainService(service.Service):
     def __init__(self, *, config: Config, spool: DeferredSpool, router, reactor,
                  session_opener: Callable = open_session, rng: random.Random | None = None,
                  trust_root=None, shutdown_timeout: float = 30.0, flush_delay: float = 0.005,
-                 metrics=None, linger: float = 0.0, busy_claim_delay: float = 0.0):
+                 metrics=None, linger: float = 0.0, busy_claim_delay: float = 0.0,
+                 attempt_log: Callable[[str], None] | None = None):
         self.config = config
         self.spool = spool
         self.router = router
@@ -112,6 +113,9 @@ class DrainService(service.Service):
         self.busy_claim_delay = busy_claim_delay
         #: Receives outcome/connection events (relay.metrics.RelayMetrics); optional.
         self.metrics = metrics
+        #: Takes the one log line per recipient per attempt (default: twisted.logger,
+        #: ``log.info("{line}", line=...)``; relayd writes them to stderr directly).
+        self.attempt_log = attempt_log or (lambda line: log.info("{line}", line=line))
         self.node = config.node
         self.max_claimed = max(config.batch_size * 2, config.concurrency * 4)
         self.deep_backlog = max(config.batch_size // 2, config.per_domain_concurrency * 20)
@@ -589,7 +593,7 @@ class DrainService(service.Service):
         self.stats[state.value] = self.stats.get(state.value, 0) + 1
         if self.metrics is not None:
             self.metrics.outcome(state, code, r.queued_at, now, text=text)
-        log.info("{line}", line=logfmt.format_attempt(
+        self.attempt_log(logfmt.format_attempt(
             queue_id=qid, recipient=r.address, relay=relay_label, delay=max(0.0, now - r.queued_at),
             attempts=attempts, status=state, reply=replies.reply_line(code, text),
             possible_duplicate=possible_duplicate))

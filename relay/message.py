@@ -272,15 +272,8 @@ def _fast_fields(header: bytes) -> _Fields | None:
     return _Fields(fields)
 
 
-def parse_message(raw: bytes, *, sender: str | None = None,
-                  recipients: Sequence[str] | None = None,
-                  idempotency_key: str | None = None) -> NewMessage:
-    """Validate one RFC 5322 message for the spool.
-
-    ``sender``: the envelope sender (``"<>"`` for the null sender); None takes
-    it from the From header.  ``recipients``: the envelope recipients; None or
-    empty takes them from To/Cc/Bcc.  Raises BadMessage for anything invalid.
-    """
+def _parse_header(raw: bytes):
+    """The message with CRLF line endings, its header fields and its header block."""
     if not raw.strip():
         raise BadMessage("The message is empty.")
     data = normalise_line_endings(raw)
@@ -290,6 +283,51 @@ def parse_message(raw: bytes, *, sender: str | None = None,
         parsed = HeaderParser(policy=compat32).parsestr(header.decode("utf-8", "surrogateescape"))
     if not header and parsed.defects:
         raise BadMessage("The message has no header.")
+    return data, parsed, header, body
+
+
+def _unique(rcpts: Sequence[str]) -> tuple[str, ...]:
+    """Recipients without repeats (domains compared case-insensitively), within the limit."""
+    unique: list[str] = []
+    seen: set[str] = set()
+    for r in rcpts:
+        local, _, dom = r.rpartition("@")
+        k = f"{local}@{dom.lower()}"
+        if k not in seen:
+            seen.add(k)
+            unique.append(r)
+    if not unique:
+        raise BadMessage("The message has no recipient (no --to and no To, Cc or Bcc header).")
+    if len(unique) > MAX_RECIPIENTS:
+        raise BadMessage(f"The message has {len(unique)} recipients; the limit is {MAX_RECIPIENTS}.")
+    return tuple(unique)
+
+
+def _new_message(sender: str, recipients: tuple[str, ...], data: bytes, parsed, header: bytes, body: bytes,
+                 idempotency_key: str | None) -> NewMessage:
+    stored = _strip_bcc(header) + body if "Bcc" in parsed or "bcc" in parsed else data
+    subject = _decode(parsed.get("Subject"))
+    message_id = parsed.get("Message-ID")
+    return NewMessage(
+        sender=sender,
+        recipients=recipients,
+        data=stored,
+        subject=subject[:998] if subject else subject,
+        message_id=message_id.strip()[:998] if message_id else None,
+        idempotency_key=idempotency_key,
+    )
+
+
+def parse_message(raw: bytes, *, sender: str | None = None,
+                  recipients: Sequence[str] | None = None,
+                  idempotency_key: str | None = None) -> NewMessage:
+    """Validate one RFC 5322 message for the spool.
+
+    ``sender``: the envelope sender (``"<>"`` for the null sender); None takes
+    it from the From header.  ``recipients``: the envelope recipients; None or
+    empty takes them from To/Cc/Bcc.  Raises BadMessage for anything invalid.
+    """
+    data, parsed, header, body = _parse_header(raw)
 
     if sender is None:
         froms = parsed.get_all("From") or []
@@ -310,33 +348,19 @@ def parse_message(raw: bytes, *, sender: str | None = None,
         rcpts = (_header_addresses(parsed.get_all("To") or [], "To")
                  + _header_addresses(parsed.get_all("Cc") or [], "Cc")
                  + _header_addresses(parsed.get_all("Bcc") or [], "Bcc"))
-    unique: list[str] = []
-    seen: set[str] = set()
-    for r in rcpts:
-        local, _, dom = r.rpartition("@")
-        k = f"{local}@{dom.lower()}"
-        if k not in seen:
-            seen.add(k)
-            unique.append(r)
-    if not unique:
-        raise BadMessage("The message has no recipient (no --to and no To, Cc or Bcc header).")
-    if len(unique) > MAX_RECIPIENTS:
-        raise BadMessage(f"The message has {len(unique)} recipients; the limit is {MAX_RECIPIENTS}.")
+    unique = _unique(rcpts)
 
     if idempotency_key is not None and (not idempotency_key or len(idempotency_key) > 255):
         raise BadMessage("The idempotency key must be 1 to 255 characters long.")
+    return _new_message(env_sender, unique, data, parsed, header, body, idempotency_key)
 
-    stored = _strip_bcc(header) + body if "Bcc" in parsed or "bcc" in parsed else data
-    subject = _decode(parsed.get("Subject"))
-    message_id = parsed.get("Message-ID")
-    return NewMessage(
-        sender=env_sender,
-        recipients=tuple(unique),
-        data=stored,
-        subject=subject[:998] if subject else subject,
-        message_id=message_id.strip()[:998] if message_id else None,
-        idempotency_key=idempotency_key,
-    )
+
+def parse_submitted(raw: bytes, *, sender: str, recipients: Sequence[str]) -> NewMessage:
+    """``parse_message`` for an SMTP transaction whose envelope was already
+    validated command by command (``sender`` from ``validate_sender``, each
+    recipient from ``validate_address``): only the content is checked."""
+    data, parsed, header, body = _parse_header(raw)
+    return _new_message(sender, _unique(recipients), data, parsed, header, body, None)
 
 
 def read_mbox(path: str) -> Iterator[bytes]:

@@ -60,7 +60,7 @@ from zope.interface import implementer
 
 from relay.config import Config, parse_hostport
 from relay.errors import BadMessage, ConfigError, RelayError, SpoolUnavailable
-from relay.message import parse_message, validate_address, validate_sender
+from relay.message import parse_submitted, validate_address, validate_sender
 from relay.model import NewMessage
 from relay.sendnow import write_now
 
@@ -369,7 +369,7 @@ class SubmittedMessage:
             return defer.fail(smtp.SMTPServerError(451, b"4.3.0 The message was discarded; try again."))
         raw = b"\r\n".join(lines) + b"\r\n" if lines else b""
         try:
-            message = parse_message(raw, sender=self.txn.sender or "<>", recipients=self.txn.recipients)
+            message = parse_submitted(raw, sender=self.txn.sender, recipients=self.txn.recipients)
         except BadMessage as e:
             return defer.fail(smtp.SMTPServerError(554, _reply(f"5.6.0 {e}")))
         message = replace(message, data=self.txn.received + message.data)

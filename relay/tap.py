@@ -31,8 +31,11 @@ from relay.wakeup import build_wakeup_service
 #: stream, or the next one soon after) skips connecting, the greeting and EHLO.
 LINGER = 2.0
 #: While relayd is delivering, new mail is claimed after at most this delay
-#: rather than once per commit (one claim instead of many small ones).
-BUSY_CLAIM_DELAY = 0.01
+#: rather than once per commit (one claim instead of many small ones).  Mail
+#: from the submission listener does not wait for it (it is handed over
+#: already claimed); this paces claims of what other processes queue (and the
+#: SQLite watcher's wake-ups, which also follow relayd's own commits).
+BUSY_CLAIM_DELAY = 0.05
 
 
 class Options(usage.Options):
@@ -69,9 +72,10 @@ class RelayService(service.MultiService):
         self.spool.stop()
 
 
-def build_service(config: Config, reactor=None, *, trust_root=None) -> RelayService:
+def build_service(config: Config, reactor=None, *, trust_root=None, attempt_log=None) -> RelayService:
     """Every relayd service for ``config``: the drain (and, when configured,
-    the submission listener and the metrics endpoint)."""
+    the submission listener and the metrics endpoint).  ``attempt_log``
+    (optional) takes the drain's per-attempt log lines instead of twisted.logger."""
     if reactor is None:
         from twisted.internet import reactor as global_reactor
         reactor = global_reactor
@@ -84,7 +88,7 @@ def build_service(config: Config, reactor=None, *, trust_root=None) -> RelayServ
     metrics = RelayMetrics(max_lifetime=config.max_lifetime, clock=reactor)
     drain = DrainService(config=config, spool=deferred_spool, router=router, reactor=reactor,
                          trust_root=trust_root, metrics=metrics, linger=LINGER,
-                         busy_claim_delay=BUSY_CLAIM_DELAY)
+                         busy_claim_delay=BUSY_CLAIM_DELAY, attempt_log=attempt_log)
     drain.setServiceParent(top)
     top.drain = drain
     wakeup = build_wakeup_service(config.spool_url, reactor, drain.wake)

@@ -309,3 +309,32 @@ def test_long_line_check_same_as_before():
             assert str(got.value) == str(e)
         else:
             assert message.normalise_line_endings(raw) == want
+
+
+# -- parse_submitted: the listener's intake (envelope already validated) -----
+
+SUBMITTED = [
+    b"From: a@s.test\r\nTo: x@y.test\r\nSubject: hi\r\nMessage-ID: <1@s.test>\r\n\r\nbody\r\n",
+    b"Subject: bcc\r\nBcc: hidden@y.test\r\n\r\nbody\r\n",
+    b"Subject: =?utf-8?q?caf=C3=A9?=\r\n\r\nbare\nLF\n",
+    b"no header at all\r\n",
+]
+
+
+@pytest.mark.parametrize("raw", SUBMITTED)
+def test_parse_submitted_stores_what_parse_message_stores(raw):
+    """Same data, subject and Message-ID as parse_message with the same envelope."""
+    from relay.message import parse_message, parse_submitted
+    envelope = dict(sender="a@s.test", recipients=["r@d.test", "r@D.TEST", "s@d.test"])
+    assert parse_submitted(raw, **envelope) == parse_message(raw, **envelope)
+    assert parse_submitted(raw, **envelope).recipients == ("r@d.test", "s@d.test")
+
+
+def test_parse_submitted_null_sender_and_bad_content():
+    from relay.errors import BadMessage
+    from relay.message import parse_submitted
+    assert parse_submitted(b"Subject: x\r\n\r\nhi\r\n", sender="", recipients=["r@d.test"]).sender == ""
+    with pytest.raises(BadMessage):
+        parse_submitted(b"Subject: x\r\n\r\n" + b"y" * 1000 + b"\r\n", sender="", recipients=["r@d.test"])
+    with pytest.raises(BadMessage):
+        parse_submitted(b"\r\n", sender="", recipients=["r@d.test"])
