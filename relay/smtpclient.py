@@ -108,8 +108,19 @@ Protocol details
   spool) is normalised to CRLF first, so no bare-LF dot line can end DATA
   early.
 * RSET is sent only when MAIL was accepted but no final reply to the data
-  closed the transaction (all RCPTs refused, DATA refused).  A refused
-  RSET, HELO or EHLO ends the session instead of looping.
+  closed the transaction (all RCPTs refused, DATA refused); with PIPELINING
+  also after a refused MAIL.  A refused RSET, HELO or EHLO ends the session
+  instead of looping.
+* PIPELINING (RFC 2920), when the EHLO reply offers it: ``MAIL FROM``, every
+  ``RCPT TO`` and ``DATA`` go out in one write, and their replies are then
+  read in order by the same states as without pipelining (which just do not
+  send the next command); nothing else is sent before the reply to DATA.
+  The per-recipient results are those of the unpipelined exchange, also on a
+  421, a timeout or a lost connection at the same point.  Once the
+  transaction has failed (MAIL refused, every RCPT refused) the replies
+  still owed for the group are counted off and ignored (a 421 among them
+  ends the session); a DATA answered 354 anyway gets a lone ``.`` whose
+  reply is ignored too (no delivery); then RSET.
 * STARTTLS: anything the peer sent after the ``220`` and before TLS is
   discarded (STARTTLS response injection); the EHLO capabilities are
   re-read over TLS.
@@ -312,6 +323,9 @@ class _RelayClient(smtp.ESMTPClient):
         self._tls_up = False
         self._authenticated = False
         self._waiting: Deferred | None = None
+        #: Replies still due for the pipelined MAIL/RCPT/DATA group sent
+        #: (the current reply included while it is handled); 0 unpipelined.
+        self._owed = 0
         self._reset_transaction()
 
     # -- plumbing -----------------------------------------------------------
@@ -332,6 +346,7 @@ class _RelayClient(smtp.ESMTPClient):
         self._rcpt_lines: list[bytes] = []
         self._rcpt_pos = 0
         self._mail_accepted = False
+        self._pipelined = False
         self._dot_sent = False
         self._wire = b""
         self._body_left = 0
@@ -371,6 +386,8 @@ class _RelayClient(smtp.ESMTPClient):
             code = int(line[:3])
             resp = b"\n".join(self.resp)
             self.resp = []
+            if self._owed:
+                self._owed -= 1
             if code in self._expected:
                 self._okresponse(code, resp)
             else:
@@ -687,7 +704,14 @@ class _RelayClient(smtp.ESMTPClient):
         self._expected = _SUCCESS
         self._okresponse = self.smtpState_to
         self._failresponse = self.smtpState_msgSent  # refused MAIL: sentMail with addresses == []
-        self.sendLine(mail)
+        if "PIPELINING" in ext:
+            # RFC 2920: the whole group in one write; smtpState_to and
+            # smtpState_toOrData then only read the replies, in order.
+            self._pipelined = True
+            self._owed = len(lines) + 2
+            write_now(self.transport, b"\r\n".join([mail, *lines, b"DATA", b""]))
+        else:
+            self.sendLine(mail)
         return True
 
     def smtpState_to(self, code: int, resp: bytes) -> None:
@@ -697,7 +721,8 @@ class _RelayClient(smtp.ESMTPClient):
         self._expected = _SUCCESS
         self._okresponse = self.smtpState_toOrData
         self._failresponse = self.smtpState_toOrData
-        self.sendLine(self._rcpt_lines[0])
+        if not self._pipelined:
+            self.sendLine(self._rcpt_lines[0])
 
     def smtpState_toOrData(self, code: int, resp: bytes) -> None:
         # Replaces SMTPClient.smtpState_toOrData (quoteaddr, no 421 handling).
@@ -711,15 +736,18 @@ class _RelayClient(smtp.ESMTPClient):
             self.successAddresses.append(index)
         self._rcpt_pos += 1
         if self._rcpt_pos < len(self._rcpt_lines):
-            self.sendLine(self._rcpt_lines[self._rcpt_pos])
+            if not self._pipelined:
+                self.sendLine(self._rcpt_lines[self._rcpt_pos])
         elif self.successAddresses:
             self._stage = "DATA"
             self._expected = [354]
             self._okresponse = self.smtpState_data
             self._failresponse = self.smtpState_msgSent
-            self.sendLine(b"DATA")
+            if not self._pipelined:
+                self.sendLine(b"DATA")
         else:
-            # Stock quirk kept: code is the last RCPT's, resp a str.
+            # Stock quirk kept: code is the last RCPT's, resp a str.  When
+            # pipelined, the DATA reply is still owed (smtpState_msgSent).
             self.smtpState_msgSent(code, "No recipients accepted")
 
     def smtpState_data(self, code: int, resp: bytes) -> None:
@@ -773,8 +801,10 @@ class _RelayClient(smtp.ESMTPClient):
         # Replaces SMTPClient.smtpState_msgSent: no RSET after a completed
         # transaction (RFC 5321 allows it, notes §3), a refused RSET ends the
         # session instead of looping, and a 421 ends it at once.
+        # Pipelined, a refused MAIL also gets RSET: the replies still owed
+        # for the group are skipped first.
         final = self._dot_sent
-        needs_rset = self._mail_accepted and not final
+        needs_rset = (self._mail_accepted or self._pipelined) and not final
         self.sentMail(code, resp, len(self.successAddresses), self.toAddressesResult, self.log)
         if final:
             self._transactions += 1
@@ -782,13 +812,45 @@ class _RelayClient(smtp.ESMTPClient):
             self._error = f"421 {_text(resp)}"
             self._close(quit=True)
         elif needs_rset:
-            self._stage = "RSET"
-            self._expected = _SUCCESS
-            self._okresponse = self.smtpState_from
-            self._failresponse = self._rset_refused
-            self.sendLine(b"RSET")
+            self._skip_owed()
         else:
             self.smtpState_from(code, resp)
+
+    def _skip_owed(self) -> None:
+        """Count off the replies still owed for a failed pipelined group, then RSET."""
+        if not self._owed:
+            self._rset()
+            return
+        self._stage = "pipelined commands"
+        self._expected = ()
+        self._okresponse = self._skipped_reply
+        self._failresponse = self._skipped_reply
+
+    def _skipped_reply(self, code: int, resp: bytes) -> None:
+        # A reply to a command of a failed pipelined group: not a result.
+        if code == 421:
+            self._error = f"421 {_text(resp)}"
+            self._close(quit=True)
+        elif self._owed:
+            return
+        elif code == 354 and self._stage == "pipelined commands":
+            # DATA accepted although MAIL or every RCPT was refused (RFC 2920
+            # says it must not be): end the empty message and ignore its reply.
+            self._stage = "end of data (no recipients)"
+            self._owed = 1
+            write_now(self.transport, b".\r\n")
+        elif code == 354:
+            self._error = f"{code} {_text(resp)} in reply to the end of data"
+            self._close()
+        else:
+            self._rset()
+
+    def _rset(self) -> None:
+        self._stage = "RSET"
+        self._expected = _SUCCESS
+        self._okresponse = self.smtpState_from
+        self._failresponse = self._rset_refused
+        self.sendLine(b"RSET")
 
     def _rset_refused(self, code: int, resp: bytes) -> None:
         self._error = f"RSET refused: {code} {_text(resp)}"

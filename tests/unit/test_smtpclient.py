@@ -551,7 +551,7 @@ class ExtensionTests(SynchronousTestCase):
     def test_no_parameters_when_nothing_is_offered(self):
         """Without SIZE/8BITMIME/SMTPUTF8 in EHLO, MAIL FROM carries no parameters."""
         s = Session([envelope(sender="")]).ready(b"250-mx", b"250 PIPELINING")
-        self.assertEqual(s.commands(), [b"MAIL FROM:<>"])
+        self.assertEqual(s.commands(), [b"MAIL FROM:<>", b"RCPT TO:<r1@b.test>", b"DATA"])
 
     def test_parameters_when_offered(self):
         """SIZE, BODY=8BITMIME and SMTPUTF8 are sent when offered and needed."""
