@@ -81,6 +81,12 @@ def domain_of(address: str) -> str:
 
 def normalise_line_endings(raw: bytes) -> bytes:
     """CRLF everywhere (bare LF and bare CR become CRLF), ending in CRLF; refuse long lines."""
+    crlf = raw.count(b"\r\n")
+    if crlf and raw.endswith(b"\r\n") and raw.count(b"\r") == crlf and raw.count(b"\n") == crlf:
+        # Already CRLF throughout (SMTP submission): only the line lengths to check.
+        if len(raw) > MAX_LINE + 2 and max(map(len, raw.split(b"\r\n"))) > MAX_LINE:
+            return normalise_line_endings(raw.replace(b"\r\n", b"\n"))   # for the message naming the line
+        return raw
     if b"\r" in raw:
         text = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
     else:
