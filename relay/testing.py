@@ -62,9 +62,18 @@ class PeerLog:
 class ScriptedHandler:
     """aiosmtpd handler implementing the table in the module docstring."""
 
-    def __init__(self, log: PeerLog, slow_seconds: float = 5.0):
+    def __init__(self, log: PeerLog, slow_seconds: float = 5.0, pipelining: bool = False):
         self.log = log
         self.slow_seconds = slow_seconds
+        self.pipelining = pipelining
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        # aiosmtpd reads commands one line at a time, so it serves pipelined
+        # clients; it just does not say so.  Real MTAs (Postfix) do.
+        session.host_name = hostname
+        if self.pipelining:
+            responses.insert(1, "250-PIPELINING")
+        return responses
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         local = address.split("@", 1)[0].lower()
@@ -137,7 +146,7 @@ class SMTPPeer:
     """A scripted SMTP server on ``host:port`` (loopback only) for tests."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, slow_seconds: float = 5.0,
-                 data_size_limit: int | None = None):
+                 data_size_limit: int | None = None, pipelining: bool = False):
         if not (host.startswith("127.") or host == "::1"):
             raise ValueError("test peers listen on loopback addresses only")
         self.host = host
@@ -146,7 +155,7 @@ class SMTPPeer:
         kwargs = {}
         if data_size_limit is not None:
             kwargs["data_size_limit"] = data_size_limit
-        self.controller = _PeerController(ScriptedHandler(self.log, slow_seconds), self.log,
+        self.controller = _PeerController(ScriptedHandler(self.log, slow_seconds, pipelining), self.log,
                                           hostname=host, port=self.port, ready_timeout=10, **kwargs)
 
     def start(self) -> "SMTPPeer":

@@ -73,7 +73,9 @@ class DrainScenarios:
         self.port = free_port("127.0.0.1")
         self.peers = {}
         for ip in (MX1, MX2, IMPLICIT):
-            peer = SMTPPeer(ip, self.port, slow_seconds=3.0)
+            # MX1 (most scenarios) offers PIPELINING as Postfix does, so relayd
+            # pipelines MAIL/RCPT/DATA there; MX2 and the implicit MX do not.
+            peer = SMTPPeer(ip, self.port, slow_seconds=3.0, pipelining=ip == MX1)
             peer.start()
             self.addCleanup(peer.stop)
             self.peers[ip] = peer
