@@ -116,6 +116,10 @@ def _reply(text: str) -> bytes:
     return re.sub(r"[\r\n]+", " ", text).encode("ascii", "backslashreplace")
 
 
+#: Formatted replies, by (code, text): most replies are the same every time.
+_REPLIES: dict[tuple[int, bytes], bytes] = {}
+
+
 # -- group commit ---------------------------------------------------------
 
 class GroupCommitter:
@@ -483,12 +487,18 @@ class SubmissionProtocol(smtp.ESMTP):
     def sendCode(self, code, message=b""):
         """A reply, in one write sent at once (Twisted's writes each line and
         sends at the next reactor turn)."""
-        lines = message.splitlines() or [b""]
-        prefix = b"%03d" % code
-        out = [prefix + b"-" + line for line in lines[:-1]]
-        out.append(prefix + b" " + lines[-1])
-        out.append(b"")
-        write_now(self.transport, b"\r\n".join(out))
+        key = (code, message)
+        reply = _REPLIES.get(key)
+        if reply is None:
+            lines = message.splitlines() or [b""]
+            prefix = b"%03d" % code
+            out = [prefix + b"-" + line for line in lines[:-1]]
+            out.append(prefix + b" " + lines[-1])
+            out.append(b"")
+            reply = b"\r\n".join(out)
+            if len(_REPLIES) < 512:       # the fixed replies; not every "queued as ID"
+                _REPLIES[key] = reply
+        write_now(self.transport, reply)
 
     def greeting(self):
         return self.host + b" ESMTP relay"
