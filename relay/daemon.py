@@ -95,7 +95,7 @@ class AttemptLines:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from relay.config import load_config
-    from relay.tap import build_service, describe
+    from relay.tap import build_service, describe, tune_garbage_collector
 
     try:
         config = load_config(args.config)
@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     print(describe(config), file=sys.stderr, flush=True)
     attempt_lines.format_time = _start_logging()
+    tune_garbage_collector()
     reactor.callWhenRunning(top.startService)
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
     reactor.run()
