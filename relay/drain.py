@@ -118,6 +118,9 @@ class DrainService(service.Service):
         self.attempt_log = attempt_log or (lambda line: log.info("{line}", line=line))
         self.node = config.node
         self.max_claimed = max(config.batch_size * 2, config.concurrency * 4)
+        #: Room in the claim window that hand-offs leave to claims: what _tick
+        #: needs to claim at all.
+        self._claim_reserve = max(1, config.batch_size // 4)
         self.deep_backlog = max(config.batch_size // 2, config.per_domain_concurrency * 20)
 
         self._destinations: dict[str, _Destination] = {}
@@ -132,6 +135,7 @@ class DrainService(service.Service):
         self._flush_call = None
         self._renewal: task.LoopingCall | None = None
         self._stopping = False
+        self._recovered = False   # start-up recover() has finished (hand-offs wait for it)
         self._woken = False
         self._starved = False     # the last tick found no room in the claim window
         self._idle_waiters: list[defer.Deferred] = []
@@ -143,6 +147,7 @@ class DrainService(service.Service):
     def startService(self) -> None:
         service.Service.startService(self)
         self._stopping = False
+        self._recovered = False
         d = self.spool.recover(self.node, self.reactor.seconds())
 
         def recovered(n: int) -> None:
@@ -150,7 +155,11 @@ class DrainService(service.Service):
                 log.info("took back {n} recipient(s) this node ({node}) held before it stopped", n=n, node=self.node)
 
         d.addCallbacks(recovered, lambda f: log.failure("could not take back earlier claims", f))
-        d.addBoth(lambda _: self._tick())
+
+        def ready(_) -> None:
+            self._recovered = True      # hand-offs may come now: recover() cannot undo them
+            self._tick()
+        d.addBoth(ready)
         self._renewal = task.LoopingCall(self._renew)
         self._renewal.clock = self.reactor
         self._renewal.start(max(1.0, self.config.lease / 3), now=False)
@@ -308,10 +317,14 @@ class DrainService(service.Service):
 
     def claim_terms(self) -> tuple[str, float] | None:
         """(node, lease) under which the listener may queue mail already claimed
-        for this drain (``ISpool.enqueue_claimed``), or None when the drain is
-        stopping or has as much claimed as it takes (the mail is then queued
-        unclaimed and claimed later, by this node or another)."""
-        if self._stopping or not self.running or len(self._claimed) >= self.max_claimed:
+        for this drain (``ISpool.enqueue_claimed``), or None: while the
+        start-up ``recover`` runs (it would take the new claims back), when
+        stopping, and when the claim window is full but for the share kept
+        for claims (mail due in the spool -- retries, DSNs, mail queued by
+        other processes -- is never crowded out by a busy listener).  Mail
+        refused terms is queued unclaimed and claimed like any other."""
+        if (self._stopping or not self.running or not self._recovered
+                or len(self._claimed) >= self.max_claimed - self._claim_reserve):
             return None
         return self.node, self.config.lease
 
@@ -671,6 +684,9 @@ class DrainService(service.Service):
     def _renew(self) -> defer.Deferred | None:
         if not self._claimed:
             return None
-        d = self.spool.renew(self.node, self.reactor.seconds(), self.config.lease)
+        # Only the recipients this drain holds: a claim it never learnt of (a
+        # hand-off whose commit succeeded but whose reply was lost) must expire
+        # and be claimed again, not be kept alive forever.
+        d = self.spool.renew(self.node, self.reactor.seconds(), self.config.lease, list(self._claimed))
         d.addErrback(lambda f: log.error("could not renew leases: {error}", error=f.getErrorMessage()))
         return d

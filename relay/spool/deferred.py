@@ -48,8 +48,10 @@ class DeferredSpool:
               exclude_domains: Sequence[str] = ()) -> "Deferred[list[ClaimedMessage]]":
         return self._run(self.spool.claim, node, now, lease, limit, exclude_domains)
 
-    def renew(self, node: str, now: float, lease: float) -> "Deferred[int]":
-        return self._run(self.spool.renew, node, now, lease)
+    def renew(self, node: str, now: float, lease: float,
+              recipient_ids: Sequence[int] | None = None) -> "Deferred[int]":
+        return self._run(self.spool.renew, node, now, lease,
+                         None if recipient_ids is None else list(recipient_ids))
 
     def release(self, node: str, recipient_ids: Sequence[int], now: float) -> "Deferred[int]":
         return self._run(self.spool.release, node, list(recipient_ids), now)

@@ -116,6 +116,7 @@ class FakeSpool:
         self.records: list[Recorded] = []
         self.releases: list[tuple[str, list[int], float]] = []
         self.renewals: list[tuple[str, float, float]] = []
+        self.renewed_ids: list[list[int] | None] = []
         self.recovers: list[tuple[str, float]] = []
         self.fail_records = 0       # fail this many record() calls
         self.failed_records = 0
@@ -147,9 +148,10 @@ class FakeSpool:
         self.due = remaining
         return defer.succeed(out)
 
-    def renew(self, node, now, lease):
+    def renew(self, node, now, lease, recipient_ids=None):
         self.calls.append("renew")
         self.renewals.append((node, now, lease))
+        self.renewed_ids.append(None if recipient_ids is None else sorted(recipient_ids))
         return defer.succeed(len(self.claimed_ids))
 
     def release(self, node, recipient_ids, now):
@@ -1024,6 +1026,15 @@ class TestLeases:
         h.clock.advance(30.0)
         assert len(h.spool.renewals) == 2
 
+    def test_only_the_recipients_held_are_renewed(self):
+        """Renewal names the recipients the drain holds: a claim it never learnt of
+        (a hand-off whose reply was lost) is left to expire and be claimed again."""
+        h = Harness(lease=30.0, poll_interval=100.0)
+        [m] = h.spool.add(make_message("a@x.test", "b@x.test"))
+        h.start()
+        h.clock.advance(10.0)
+        assert h.spool.renewed_ids == [sorted(r.id for r in m.recipients)]
+
 
 # -- graceful stop --------------------------------------------------------------------------
 
@@ -1164,3 +1175,42 @@ class TestHandoff:
         h.drain.adopt([message])
         assert h.spool.released_ids == [message.recipients[0].id]
         assert h.opener.sessions == []
+
+
+class TestHandoffFairness:
+
+    def test_no_terms_until_start_up_recover_has_finished(self):
+        """recover() takes back this node's inflight recipients: a hand-off committed
+        before it ran would be undone and claimed a second time."""
+        h = Harness(poll_interval=60.0)
+        pending = defer.Deferred()
+        h.spool.recover = lambda node, now: pending
+        h.start()
+        assert h.drain.claim_terms() is None
+        pending.callback(0)
+        assert h.drain.claim_terms() == (NODE, 30.0)
+
+    def test_terms_also_after_a_failed_recover(self, no_unexpected_failures):
+        h = Harness(poll_interval=60.0)
+        h.spool.recover = lambda node, now: defer.fail(RuntimeError("spool down"))
+        h.start()
+        assert h.drain.claim_terms() == (NODE, 30.0)
+        [logged] = no_unexpected_failures          # "could not take back earlier claims", expected
+        assert logged["log_failure"].check(RuntimeError)
+        no_unexpected_failures.clear()
+
+    def test_a_busy_listener_leaves_room_for_claims(self):
+        """Hand-offs stop short of the claim window by what a claim needs, so mail due
+        in the spool (retries, DSNs, other processes' mail) is still claimed."""
+        h = Harness(batch_size=8, concurrency=1, poll_interval=5.0)
+        h.start()
+        assert (h.drain.max_claimed, h.drain._claim_reserve) == (16, 2)
+        n = 0
+        while h.drain.claim_terms() is not None:
+            n += 1
+            h.drain.adopt([make_message(f"u{n}@busy.test")])
+        assert len(h.drain._claimed) == 14
+        h.spool.add(make_message("due@other.test"))
+        h.clock.advance(5.0)                       # the next poll
+        assert h.spool.claims[-1]["limit"] == 2
+        assert "due@other.test" in [r.address for r in h.drain._claimed.values()]
