@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import secrets
+import select as select_module
 import threading
 import time
 from collections import defaultdict
@@ -547,6 +548,16 @@ class SQLSpool:
             return len(ids)
 
 
+def _has_input(connection) -> bool:
+    """True when a PostgreSQL connection with no query running has bytes to read
+    (the server closed it or sent a notice), checked without blocking."""
+    try:
+        readable, _, _ = select_module.select([connection.fileno()], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
+
+
 class _DirectWriter:
     """``enqueue_claimed`` on one DBAPI connection of its own, without SQLAlchemy.
 
@@ -607,7 +618,11 @@ class _DirectWriter:
             raw = self._raw = self.spool.engine.raw_connection()
             if self.spool.dialect == "postgresql":
                 raw.driver_connection.autocommit = True
-        elif self.spool.dialect == "postgresql" and time.monotonic() - self._last_used > self.IDLE_PING:
+        elif self.spool.dialect == "postgresql" and (time.monotonic() - self._last_used > self.IDLE_PING
+                                                     or _has_input(raw.driver_connection)):
+            # Idle for a while, or the server said something unasked (it does
+            # when it ends the session: a restart, pg_terminate_backend): ping,
+            # and on failure reconnect before the statement is sent.
             try:
                 raw.driver_connection.execute("SELECT 1")
             except Exception:  # noqa: BLE001 - any failure: reconnect

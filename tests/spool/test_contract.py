@@ -957,3 +957,26 @@ def test_locked_spool_raises_spool_unavailable(spool, spool_url):
     assert spool.status(T0).messages == 0
     assert spool.enqueue([new_message("a@example.org", key="locked")], T0 + 1)
     assert spool.status(T0 + 1).messages == 1
+
+
+def test_enqueue_claimed_after_the_server_ended_the_connection(pg_url):
+    """PostgreSQL: a direct-writer connection the server ended (restart,
+    pg_terminate_backend) is noticed and replaced before the statement is sent,
+    so the next submission commits instead of failing with 451."""
+    import psycopg
+    spool = open_spool(pg_url)
+    try:
+        spool.enqueue_claimed([new_message("a@example.org")], T0, "node-a", LEASE)
+        backend = spool._direct._raw.driver_connection.info.backend_pid
+        server = make_url(pg_url).set(drivername="postgresql", query={})
+        with psycopg.connect(server.render_as_string(hide_password=False), autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (backend,))
+        for _ in range(100):        # the server's goodbye reaches the old connection
+            if spool_sql._has_input(spool._direct._raw.driver_connection):
+                break
+            threading.Event().wait(0.01)
+        ids, claimed = spool.enqueue_claimed([new_message("b@example.org")], T0 + 1, "node-a", LEASE)
+        assert len(claimed) == 1 and spool.status(T0 + 1).recipients["inflight"] == 2
+        assert spool._direct._raw.driver_connection.info.backend_pid != backend
+    finally:
+        spool.close()
