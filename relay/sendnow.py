@@ -13,7 +13,7 @@ not a plain TCP connection (tests' StringTransport).
 
 It reads Twisted's own write buffer (``dataBuffer``, ``offset``,
 ``_tempDataLen`` of ``twisted.internet.abstract.FileDescriptor``); Twisted is
-pinned, and tests/unit/test_sendnow.py checks those attributes still exist.
+pinned, and tests/integration/test_sendnow.py checks those attributes still exist.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ _PLAIN_TCP = (tcp.Server, tcp.Client)
 def write_now(transport, data: bytes) -> None:
     """``transport.write(data)``, sent at once when the transport can take it."""
     if (type(transport) in _PLAIN_TCP and not transport.TLS and transport.connected
-            and not transport.disconnecting and not transport._tempDataLen
+            and not transport.disconnecting and not transport._aborting and not transport._tempDataLen
             and transport.offset == len(transport.dataBuffer)):
         try:
             sent = transport.socket.send(data)

@@ -496,7 +496,7 @@ class SubmissionProtocol(smtp.ESMTP):
             out.append(prefix + b" " + lines[-1])
             out.append(b"")
             reply = b"\r\n".join(out)
-            if len(_REPLIES) < 512:       # the fixed replies; not every "queued as ID"
+            if b"queued as" not in message and len(_REPLIES) < 512:   # not the one-off replies
                 _REPLIES[key] = reply
         write_now(self.transport, reply)
 

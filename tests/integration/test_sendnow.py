@@ -63,6 +63,29 @@ class WriteNowTests(unittest.TestCase):
         self.assertEqual(data, b"220 hello\r\n250 ok\r\n")
         self.assertEqual(writer.buffered_after, [0, 0])     # nothing was left to the reactor
         self.assertIsInstance(writer.transport, tcp.Server)
+        # The Twisted internals write_now reads (Twisted is pinned; an upgrade that
+        # renames them must fail here, not silently fall back or break).
+        for name in ("TLS", "connected", "disconnecting", "_aborting", "_tempDataLen", "dataBuffer",
+                     "offset", "socket"):
+            self.assertTrue(hasattr(writer.transport, name), name)
+
+    @defer.inlineCallbacks
+    def test_nothing_is_sent_after_an_abort(self):
+        class Aborter(Writer):
+            def connectionMade(self):
+                write_now(self.transport, b"first\r\n")
+                self.transport.abortConnection()
+                write_now(self.transport, b"never\r\n")
+        receiver = Collect(10 ** 6)
+        server = protocol.ServerFactory.forProtocol(lambda: Aborter([]))
+        port = reactor.listenTCP(0, server, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        lost = defer.Deferred()
+        receiver.connectionLost = lambda reason: lost.callback(None)
+        reactor.connectTCP("127.0.0.1", port.getHost().port,
+                           protocol.ClientFactory.forProtocol(lambda: receiver))
+        yield lost
+        self.assertNotIn(b"never", receiver.data)
 
     @defer.inlineCallbacks
     def test_order_is_kept_behind_buffered_data(self):
