@@ -742,7 +742,7 @@ class _RelayClient(smtp.ESMTPClient):
             self._stage = "DATA"
             self._expected = [354]
             self._okresponse = self.smtpState_data
-            self._failresponse = self.smtpState_msgSent
+            self._failresponse = self._data_refused
             if not self._pipelined:
                 self.sendLine(b"DATA")
         else:
@@ -796,6 +796,15 @@ class _RelayClient(smtp.ESMTPClient):
             self._end(code, text, abort=True)
         else:
             self._end(451, f"4.5.0 {self._cfg.peer} replied {code} {text} before the end of the data", abort=True)
+
+    def _data_refused(self, code: int, resp: bytes) -> None:
+        """DATA not answered 354.  A 4xx/5xx ends the transaction with that reply;
+        anything else (a 2xx, say) is no acceptance of a body that was never
+        sent, so the recipients are deferred, never recorded as delivered."""
+        if code < 400:
+            text = f"4.5.0 {self._cfg.peer} replied {code} {_text(resp)} to DATA instead of 354"
+            code, resp = 451, text.encode("utf-8", "replace")
+        self.smtpState_msgSent(code, resp)
 
     def smtpState_msgSent(self, code: int, resp: bytes | str) -> None:
         # Replaces SMTPClient.smtpState_msgSent: no RSET after a completed

@@ -211,6 +211,17 @@ class TransactionTests(SynchronousTestCase):
         self.assertEqual([(r.code, r.text) for r in s.results[0][1]], [(451, "4.3.0 try later"), (550, "5.1.1 no")])
         self.assertEqual(s.commands(), [b"RSET"])
 
+    def test_data_answered_250_is_not_a_delivery(self):
+        """A 2xx to DATA (no 354, so no body was sent) defers the recipients and sends RSET."""
+        s = Session([envelope(("a@b.test",))]).ready()
+        s.server(b"250 ok", b"250 ok")
+        s.sent()
+        s.server(b"250 2.0.0 whatever")
+        [result] = s.results[0][1]
+        self.assertEqual(result.code, 451)
+        self.assertTrue(result.text.startswith("4.5.0 ") and "250" in result.text, result.text)
+        self.assertEqual(s.commands(), [b"RSET"])
+
     def test_final_reply_554(self):
         """A 554 after the final dot bounces the accepted recipients."""
         s = Session([envelope(("a@b.test", "b@b.test"))]).ready()
