@@ -326,3 +326,66 @@ def test_two_nodes_share_one_spool_without_duplicates(spool_url, tmp_path, procs
     if spool_url.startswith("postgresql"):
         # SKIP LOCKED lets both nodes claim at once: each must have done a share.
         assert min(lines) > 0, lines
+
+
+def test_sigkill_with_the_listener_loses_no_accepted_message(spool_url, tmp_path, procs, peers, reader):
+    """Mail accepted over SMTP (250) is handed to the drain already claimed; SIGKILL mid-stream
+    and a restart deliver every accepted message, duplicating only what was in flight."""
+    import smtplib
+    import threading
+
+    peer = peers("127.0.0.27")
+    listen_port = free_port("127.0.0.1")
+    config = write_config(tmp_path / "relay.toml", spool_url=spool_url, node="node-listen-crash",
+                          route_host=peer.host, route_port=peer.port,
+                          extra={"submission": {"listen": f"127.0.0.1:{listen_port}"}})
+    first = procs.relayd(config, "relayd-first")
+    first.wait_for_output(r"submission listener on", 15)
+
+    accepted: set[str] = set()
+    lock = threading.Lock()
+
+    def client(worker: int) -> None:
+        for n in range(worker * 1000, worker * 1000 + 400):
+            data = message_bytes(n, f"user{n}@listen.test", "listen")
+            try:
+                with smtplib.SMTP("127.0.0.1", listen_port, timeout=10) as s:
+                    s.sendmail("app@sender.test", [f"user{n}@listen.test"], data)
+            except (OSError, smtplib.SMTPException):
+                return                      # relayd is gone: this one may or may not be queued
+            with lock:
+                accepted.add(f"<listen-{n}@relay-tests>")
+
+    clients = [threading.Thread(target=client, args=(w,), daemon=True) for w in range(4)]
+    for t in clients:
+        t.start()
+    wait_until(lambda: len(peer.log.messages) >= 150 or not first.alive(), 30,
+               "a hundred and fifty messages to arrive", interval=0.005)
+    first.signal(SIGKILL)
+    assert first.wait(10) == -SIGKILL
+    for t in clients:
+        t.join(15)
+    with lock:
+        accepted_at_kill = set(accepted)
+    arrived_at_kill = set(_arrivals(peer))
+    snapshot = reader().rows()
+    queued = {r.message_id for r in snapshot}
+    inflight_at_kill = {r.message_id for r in snapshot if r.state == "inflight"}
+    delivered_at_kill = {r.message_id for r in snapshot if r.state == "delivered"}
+    assert accepted_at_kill <= queued, "a 250 was given for a message not in the spool"
+    assert arrived_at_kill <= delivered_at_kill | inflight_at_kill
+    assert len(accepted_at_kill) < 1600, "the kill must land in the middle of the stream"
+
+    second = procs.relayd(config, "relayd-second")
+    spool = reader()
+    wait_until(lambda: spool.counts()["delivered"] == len(queued), 30, "every queued message to be delivered")
+    second.signal(SIGTERM)
+    assert second.wait(15) == 0, second.stderr()[-2000:]
+
+    arrivals = _arrivals(peer)
+    assert accepted_at_kill <= set(arrivals), sorted(accepted_at_kill - set(arrivals))[:5]
+    assert set(arrivals) == queued
+    duplicates = {mid for mid, n in arrivals.items() if n > 1}
+    assert duplicates <= inflight_at_kill and all(arrivals[m] == 2 for m in duplicates)
+    print(f"\n[{spool_url.split(':')[0]}] accepted {len(accepted_at_kill)}, arrived before kill "
+          f"{len(arrived_at_kill)}, in flight at kill {len(inflight_at_kill)}, duplicates {len(duplicates)}")
