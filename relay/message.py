@@ -227,26 +227,25 @@ _FAST_FIELD = re.compile(r"[\x21-\x39\x3b-\x7e]+:")
 class _Fields:
     """What parse_message asks of a parsed header: ``get``, ``get_all``, ``in`` (names case-insensitive)."""
 
-    __slots__ = ("_fields",)
+    __slots__ = ("_fields", "_by_name")
 
     def __init__(self, fields: list[tuple[str, str]]):
         self._fields = fields
+        by_name: dict[str, list[str]] = {}
+        for k, v in fields:
+            by_name.setdefault(k.lower(), []).append(v)
+        self._by_name = by_name
 
     def get(self, name: str, failobj=None):
-        name = name.lower()
-        for k, v in self._fields:
-            if k.lower() == name:
-                return v
-        return failobj
+        values = self._by_name.get(name.lower())
+        return values[0] if values else failobj
 
     def get_all(self, name: str, failobj=None):
-        name = name.lower()
-        values = [v for k, v in self._fields if k.lower() == name]
-        return values or failobj
+        values = self._by_name.get(name.lower())
+        return list(values) if values else failobj
 
     def __contains__(self, name: str) -> bool:
-        name = name.lower()
-        return any(k.lower() == name for k, _ in self._fields)
+        return name.lower() in self._by_name
 
 
 def _fast_fields(header: bytes) -> _Fields | None:

@@ -682,9 +682,8 @@ class SubmissionProtocol(smtp.ESMTP):
             self.sendCode(553, _reply(f"5.1.7 {e}"))
             return
         self._to = []
-        d = defer.maybeDeferred(self.validateFrom, self._helo, Path(sender))
-        d.addCallbacks(self._cbFromValidate, self._ebFromValidate,
-                       callbackArgs=(250, b"2.1.0 Sender ok"))
+        self._answer(self._validate_from, (Path(sender),), self._cbFromValidate, self._ebFromValidate,
+                     (250, b"2.1.0 Sender ok"))
 
     def do_RCPT(self, rest):
         if self._from is None:
@@ -715,8 +714,29 @@ class SubmissionProtocol(smtp.ESMTP):
             self.sendCode(452, _reply(f"4.5.3 Too many recipients; at most {MAX_RECIPIENTS} per message."))
             return
         user = Recipient(dest=Path(address), helo=self._helo, protocol=self, orig=self._from)
-        d = defer.maybeDeferred(self.validateTo, user)
-        d.addCallbacks(self._cbToValidate, self._ebToValidate, callbackArgs=(user, 250, b"2.1.5 Recipient ok"))
+        self._answer(self.validateTo, (user,), self._cbToValidate, self._ebToValidate,
+                     (user, 250, b"2.1.5 Recipient ok"))
+
+    def _validate_from(self, path: Path):
+        """``validateFrom``, asking the delivery directly once there is one
+        (Twisted's wraps even a synchronous answer in a Deferred)."""
+        if self.delivery is not None and self.deliveryFactory is None:
+            return self.delivery.validateFrom(self._helo, path)
+        return self.validateFrom(self._helo, path)
+
+    @staticmethod
+    def _answer(validate, args: tuple, ok, failed, ok_args: tuple) -> None:
+        """Run a validation and reply: at once when it answers synchronously
+        (relay's own delivery does), through its Deferred otherwise."""
+        try:
+            result = validate(*args)
+        except Exception:  # noqa: BLE001 - SMTPBadSender & co. are replies, as with maybeDeferred
+            failed(Failure())
+            return
+        if isinstance(result, defer.Deferred):
+            result.addCallbacks(ok, failed, callbackArgs=ok_args)
+        else:
+            ok(result, *ok_args)
 
     def do_RSET(self, rest):
         self._from = None
@@ -735,6 +755,16 @@ class SubmissionProtocol(smtp.ESMTP):
     def state_DATA(self, line):
         if line == b"." and not self.datafailed:
             self._hold()
+            messages = self._SMTP__messages
+            if len(messages) == 1:
+                # Twisted's end of data for the one IMessage of a transaction
+                # (see do_DATA), without its DeferredList.
+                self.mode = smtp.COMMAND
+                del self._SMTP__messages
+                messages[0].eomReceived().addCallbacks(
+                    lambda qid: self._messageHandled([(True, qid)]),
+                    lambda failure: self._messageHandled([(False, failure)]))
+                return
         smtp.ESMTP.dataLineReceived(self, line)
 
     def _messageHandled(self, resultList):
