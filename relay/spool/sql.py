@@ -90,6 +90,19 @@ def new_queue_id(now: float | None = None) -> str:
     return f"{ms & 0xFFFFFFFFFFF:011X}{n & 0xFFFFFFFFF:09X}"
 
 
+def _claimed_messages(new: Sequence[tuple[str, NewMessage]], rids: dict[tuple[str, int], int],
+                      now: float) -> list[ClaimedMessage]:
+    """Messages just queued (queue id, message) as claimed ones, given their
+    recipients' ids by (queue id, position)."""
+    return [ClaimedMessage(
+        id=qid, sender=m.sender, data=bytes(m.data), size=m.size, eight_bit=bool(m.eight_bit),
+        created_at=now,
+        recipients=tuple(ClaimedRecipient(id=rids[(qid, pos)], message_id=qid, address=address,
+                                          domain=domain_of(address), attempts=0, queued_at=now)
+                         for pos, address in enumerate(m.recipients)))
+        for qid, m in new]
+
+
 def _chunks(seq: Sequence, size: int = _CHUNK) -> Iterator[Sequence]:
     for i in range(0, len(seq), size):
         yield seq[i:i + size]
@@ -244,13 +257,7 @@ class SQLSpool:
         for chunk in _chunks([qid for qid, _ in new]):
             rids.update({(mid, pos): rid for rid, mid, pos in conn.execute(
                 select(R.c.id, R.c.message_id, R.c.position).where(R.c.message_id.in_(chunk)))})
-        return [ClaimedMessage(
-            id=qid, sender=msg.sender, data=bytes(msg.data), size=msg.size, eight_bit=bool(msg.eight_bit),
-            created_at=now,
-            recipients=tuple(ClaimedRecipient(id=rids[(qid, pos)], message_id=qid, address=address,
-                                              domain=domain_of(address), attempts=0, queued_at=now)
-                             for pos, address in enumerate(msg.recipients)))
-            for qid, msg in new]
+        return _claimed_messages(new, rids, now)
 
     # -- claims ---------------------------------------------------------
 
@@ -661,13 +668,7 @@ class _DirectWriter:
             if lock is not None:
                 lock.release()
         rids = {(mid, pos): rid for rid, mid, pos in rows}
-        return [qid for qid, _ in new], [ClaimedMessage(
-            id=qid, sender=m.sender, data=bytes(m.data), size=m.size, eight_bit=bool(m.eight_bit),
-            created_at=now,
-            recipients=tuple(ClaimedRecipient(id=rids[(qid, pos)], message_id=qid, address=address,
-                                              domain=domain_of(address), attempts=0, queued_at=now)
-                             for pos, address in enumerate(m.recipients)))
-            for qid, m in new]
+        return [qid for qid, _ in new], _claimed_messages(new, rids, now)
 
     def _sqlite(self, raw, message_rows, recipient_rows, qids) -> list[tuple]:
         cur = raw.cursor()
