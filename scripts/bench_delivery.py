@@ -57,6 +57,7 @@ from bench_raw_client import (  # noqa: E402  (the same messages and sink as the
     machine_busy,
     make_messages,
     process_cpu,
+    thread_cpu,
     smtp_sink,
     stop_process,
 )
@@ -68,14 +69,17 @@ def toml_str(value: str) -> str:
     return json.dumps(value)   # a JSON string is a valid TOML basic string
 
 
-def thread_cpu(pid: int, tid: int) -> float:
-    """CPU seconds of one thread (relayd's main thread runs the reactor)."""
+def run_on_fresh_spool(run, args, workdir: Path, command: str) -> dict:
+    """``run(args, workdir, spool_url, command)`` on a new SQLite file in ``workdir``
+    or, with ``--pg``, a new PostgreSQL schema that is dropped afterwards."""
+    if not args.pg:
+        return run(args, workdir, f"sqlite:///{workdir / 'spool.db'}", command)
+    from relay.testing import create_pg_schema, drop_pg_schema
+    schema, url = create_pg_schema(PG_SERVER_URL)
     try:
-        with open(f"/proc/{pid}/task/{tid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return float("nan")
+        return run(args, workdir, url, command)
+    finally:
+        drop_pg_schema(schema, PG_SERVER_URL)
 
 
 def write_config(path: Path, *, spool_url: str, port: int, n_domains: int, connections: int,
@@ -243,16 +247,7 @@ def main(argv: list[str] | None = None) -> int:
                         *(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))])
 
     with tempfile.TemporaryDirectory(prefix="relay-bench-delivery-") as tmp:
-        workdir = Path(tmp)
-        if args.pg:
-            from relay.testing import create_pg_schema, drop_pg_schema
-            schema, url = create_pg_schema(PG_SERVER_URL)
-            try:
-                result = run(args, workdir, url, command)
-            finally:
-                drop_pg_schema(schema, PG_SERVER_URL)
-        else:
-            result = run(args, workdir, f"sqlite:///{workdir / 'spool.db'}", command)
+        result = run_on_fresh_spool(run, args, Path(tmp), command)
     raw = None if args.no_raw else raw_rate(args)
     if raw is not None:
         result["raw"] = raw

@@ -58,12 +58,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_delivery import PG_SERVER_URL, toml_str  # noqa: E402
+from bench_delivery import PG_SERVER_URL, run_on_fresh_spool, toml_str  # noqa: E402
 from bench_raw_client import (  # noqa: E402
     busy_share,
     free_port,
     machine_busy,
     process_cpu,
+    thread_cpu,
     smtp_sink,
     stop_process,
     wait_listening,
@@ -236,17 +237,6 @@ def measure_latency(port: int, receiver: ArrivalReceiver, samples: int, warmup: 
             "all_ms": [round(1000 * t, 3) for t in total]}
 
 
-def reactor_thread_cpu(pid: int) -> float:
-    """CPU seconds of a process's main thread (relayd's reactor thread; the rest is the
-    spool's thread pool, the wake-up watcher and the kernel work they cause)."""
-    try:
-        with open(f"/proc/{pid}/task/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return float("nan")
-
-
 def postgres_cpu() -> dict[int, float]:
     """CPU seconds of every running ``postgres`` process (the server's share of a --pg run)."""
     out = {}
@@ -288,7 +278,7 @@ def measure_throughput(args: argparse.Namespace, port: int, engine, relayd: subp
                                stderr=subprocess.DEVNULL)
         time.sleep(1.0)                    # let it attach
     relayd_cpu0, sink_cpu0 = process_cpu(relayd.pid), process_cpu(sink.pid)
-    reactor_cpu0 = reactor_thread_cpu(relayd.pid)
+    reactor_cpu0 = thread_cpu(relayd.pid, relayd.pid)
     children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     pg0 = postgres_cpu()
     busy0 = machine_busy()
@@ -330,7 +320,7 @@ def measure_throughput(args: argparse.Namespace, port: int, engine, relayd: subp
     pg1 = postgres_cpu()
     pg_cpu = sum(cpu - pg0.get(pid, 0.0) for pid, cpu in pg1.items() if cpu == cpu)
     relayd_cpu = process_cpu(relayd.pid) - relayd_cpu0
-    reactor_cpu = reactor_thread_cpu(relayd.pid) - reactor_cpu0
+    reactor_cpu = thread_cpu(relayd.pid, relayd.pid) - reactor_cpu0
     sink_cpu = process_cpu(sink.pid) - sink_cpu0
     source_cpu = (children1.ru_utime + children1.ru_stime) - (children0.ru_utime + children0.ru_stime)
     # CPU the machine spent on anything but these processes and the PostgreSQL server (other
@@ -431,16 +421,7 @@ def main(argv: list[str] | None = None) -> int:
                         *(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))])
 
     with tempfile.TemporaryDirectory(prefix="relay-bench-e2e-") as tmp:
-        workdir = Path(tmp)
-        if args.pg:
-            from relay.testing import create_pg_schema, drop_pg_schema
-            schema, url = create_pg_schema(PG_SERVER_URL)
-            try:
-                result = run(args, workdir, url, command)
-            finally:
-                drop_pg_schema(schema, PG_SERVER_URL)
-        else:
-            result = run(args, workdir, f"sqlite:///{workdir / 'spool.db'}", command)
+        result = run_on_fresh_spool(run, args, Path(tmp), command)
     ok = result.get("relayd_exit") == 0
     if args.json:
         print(json.dumps(result))

@@ -128,14 +128,24 @@ def stop_process(proc: subprocess.Popen, grace: float = 10.0) -> None:
             proc.wait()
 
 
-def process_cpu(pid: int) -> float:
-    """CPU seconds (user + system) used so far by ``pid`` (Linux /proc)."""
+def _stat_cpu(path: str) -> float:
+    """CPU seconds (user + system) in a Linux ``/proc/.../stat`` file; NaN if unreadable."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
+        with open(path) as f:
             fields = f.read().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return float("nan")
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by ``pid``."""
+    return _stat_cpu(f"/proc/{pid}/stat")
+
+
+def thread_cpu(pid: int, tid: int) -> float:
+    """CPU seconds of one thread of ``pid`` (relayd's main thread, ``tid == pid``, runs the reactor)."""
+    return _stat_cpu(f"/proc/{pid}/task/{tid}/stat")
 
 
 def machine_busy() -> tuple[float, float]:
