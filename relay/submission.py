@@ -116,6 +116,8 @@ def _reply(text: str) -> bytes:
     return re.sub(r"[\r\n]+", " ", text).encode("ascii", "backslashreplace")
 
 
+_NON_ASCII = b"5.6.7 Non-ASCII addresses need SMTPUTF8, which this server does not offer."
+
 #: Formatted replies, by (code, text): most replies are the same every time.
 _REPLIES: dict[tuple[int, bytes], bytes] = {}
 
@@ -644,15 +646,10 @@ class SubmissionProtocol(smtp.ESMTP):
         if self._from is not None:
             self.sendCode(503, b"5.5.1 Sender already given; send RSET first.")
             return
-        m = _MAIL_RE.match(rest)
-        if not m:
-            self.sendCode(501, b"5.5.2 Syntax: MAIL FROM:<address> [SIZE=n] [BODY=7BIT|8BITMIME]")
+        parts = self._command_parts(rest, _MAIL_RE, b"MAIL FROM:<address> [SIZE=n] [BODY=7BIT|8BITMIME]")
+        if parts is None:
             return
-        try:
-            params = _params(m.group("params"))
-        except ValueError as e:
-            self.sendCode(501, _reply(f"5.5.4 {e}"))
-            return
+        params, text = parts
         for key, value in params:
             if key == "SIZE":
                 if value is None or not value.isdigit() or len(value) > 20:
@@ -672,9 +669,8 @@ class SubmissionProtocol(smtp.ESMTP):
             else:
                 self.sendCode(555, _reply(f"5.5.4 The MAIL parameter {key} is not supported."))
                 return
-        text = _ascii_path(m.group("path"))
         if text is None:
-            self.sendCode(553, b"5.6.7 Non-ASCII addresses need SMTPUTF8, which this server does not offer.")
+            self.sendCode(553, _NON_ASCII)
             return
         try:
             sender = validate_sender(text)
@@ -689,21 +685,15 @@ class SubmissionProtocol(smtp.ESMTP):
         if self._from is None:
             self.sendCode(503, b"5.5.1 Need MAIL before RCPT.")
             return
-        m = _RCPT_RE.match(rest)
-        if not m:
-            self.sendCode(501, b"5.5.2 Syntax: RCPT TO:<address>")
+        parts = self._command_parts(rest, _RCPT_RE, b"RCPT TO:<address>")
+        if parts is None:
             return
-        try:
-            params = _params(m.group("params"))
-        except ValueError as e:
-            self.sendCode(501, _reply(f"5.5.4 {e}"))
-            return
+        params, text = parts
         if params:
             self.sendCode(555, _reply(f"5.5.4 The RCPT parameter {params[0][0]} is not supported."))
             return
-        text = _ascii_path(m.group("path"))
         if text is None:
-            self.sendCode(553, b"5.6.7 Non-ASCII addresses need SMTPUTF8, which this server does not offer.")
+            self.sendCode(553, _NON_ASCII)
             return
         try:
             address = validate_address(text, what="recipient address")
@@ -737,6 +727,20 @@ class SubmissionProtocol(smtp.ESMTP):
             result.addCallbacks(ok, failed, callbackArgs=ok_args)
         else:
             ok(result, *ok_args)
+
+    def _command_parts(self, rest: bytes, pattern, syntax: bytes):
+        """MAIL's or RCPT's (parameters, ASCII path or None) -- or None after a
+        501 for bad syntax or malformed parameters."""
+        m = pattern.match(rest)
+        if not m:
+            self.sendCode(501, b"5.5.2 Syntax: " + syntax)
+            return None
+        try:
+            params = _params(m.group("params"))
+        except ValueError as e:
+            self.sendCode(501, _reply(f"5.5.4 {e}"))
+            return None
+        return params, _ascii_path(m.group("path"))
 
     def do_RSET(self, rest):
         self._from = None
