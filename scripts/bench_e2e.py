@@ -33,6 +33,9 @@ Every process it starts is stopped; each phase is bounded by ``--timeout``.
     python scripts/bench_e2e.py --pg            # PostgreSQL
     python scripts/bench_e2e.py --reuse         # smtp-source -d: one connection per session
     python scripts/bench_e2e.py --py-spy out.txt  # py-spy record (raw) of relayd during the throughput phase
+
+``scripts/bench_postfix.py`` runs the same load and measurements with a stock
+Postfix as the relay, for a reference measured on the same machine.
 """
 
 from __future__ import annotations
@@ -252,6 +255,55 @@ def postgres_cpu() -> dict[int, float]:
     return out
 
 
+def smtp_source_command(args: argparse.Namespace, port: int) -> list[str]:
+    """The throughput load: smtp-source -s SESSIONS -m MESSAGES -l SIZE [-d] into 127.0.0.1:PORT."""
+    cmd = [SMTP_SOURCE, "-s", str(args.sessions), "-m", str(args.messages), "-l", str(args.size),
+           "-f", SENDER, "-t", RECIPIENT]
+    if args.reuse:
+        cmd.append("-d")
+    cmd.append(f"127.0.0.1:{port}")
+    return cmd
+
+
+def run_smtp_source(args: argparse.Namespace, cmd: list[str], workdir: Path, count, check) -> dict:
+    """Run ``cmd`` (smtp-source, output to WORKDIR/smtp-source.log) and poll until the relay has
+    delivered all ``args.messages``: every ``args.poll`` seconds ``count()`` returns how many
+    are delivered so far; while that is short, ``check(delivered)`` may raise to give up (a
+    failed recipient, a dead relay).  Bounded by ``args.timeout``.  Returns the wall-clock
+    times (``time.time()``) of the start, smtp-source's exit and the poll that saw all
+    delivered, the last count and smtp-source's CPU seconds."""
+    children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    source_log = open(workdir / "smtp-source.log", "wb")
+    t_start = time.time()
+    source = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=source_log, stderr=subprocess.STDOUT)
+    t_source = None
+    deadline = time.monotonic() + args.timeout
+    try:
+        while True:
+            if t_source is None and source.poll() is not None:
+                t_source = time.time()
+                children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+                if source.returncode != 0:
+                    raise SystemExit(f"smtp-source exited {source.returncode}: "
+                                     + (workdir / "smtp-source.log").read_text(errors="replace")[-2000:])
+            delivered = count()
+            if delivered >= args.messages and t_source is not None:
+                t_done = time.time()
+                break
+            check(delivered)
+            if time.monotonic() > deadline:
+                raise SystemExit(f"throughput: timed out after {args.timeout:g}s with {delivered} of "
+                                 f"{args.messages} delivered")
+            time.sleep(args.poll)
+    finally:
+        if source.poll() is None:
+            stop_process(source)
+        source_log.close()
+    source_cpu = (children1.ru_utime + children1.ru_stime) - (children0.ru_utime + children0.ru_stime)
+    return {"t_start": t_start, "t_source": t_source, "t_done": t_done, "delivered": delivered,
+            "source_cpu": source_cpu}
+
+
 def measure_throughput(args: argparse.Namespace, port: int, engine, relayd: subprocess.Popen,
                        sink: subprocess.Popen, workdir: Path) -> dict:
     from sqlalchemy import and_, func, select
@@ -259,11 +311,7 @@ def measure_throughput(args: argparse.Namespace, port: int, engine, relayd: subp
     from relay.spool.schema import attempts as A
     from relay.spool.schema import recipients as R
 
-    cmd = [SMTP_SOURCE, "-s", str(args.sessions), "-m", str(args.messages), "-l", str(args.size),
-           "-f", SENDER, "-t", RECIPIENT]
-    if args.reuse:
-        cmd.append("-d")
-    cmd.append(f"127.0.0.1:{port}")
+    cmd = smtp_source_command(args, port)
     domain = RECIPIENT.rpartition("@")[2]
     delivered_q = select(func.count()).select_from(R).where(and_(R.c.state == "delivered", R.c.domain == domain))
     failed_q = select(func.count()).select_from(R).where(and_(R.c.state.in_(("deferred", "bounced")),
@@ -279,41 +327,26 @@ def measure_throughput(args: argparse.Namespace, port: int, engine, relayd: subp
         time.sleep(1.0)                    # let it attach
     relayd_cpu0, sink_cpu0 = process_cpu(relayd.pid), process_cpu(sink.pid)
     reactor_cpu0 = thread_cpu(relayd.pid, relayd.pid)
-    children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     pg0 = postgres_cpu()
     busy0 = machine_busy()
     self_cpu0 = time.process_time()
-    source_log = open(workdir / "smtp-source.log", "wb")
-    t_start = time.time()
-    source = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=source_log, stderr=subprocess.STDOUT)
-    t_source = None
-    deadline = time.monotonic() + args.timeout
-    try:
-        while True:
-            if t_source is None and source.poll() is not None:
-                t_source = time.time()
-                children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-                if source.returncode != 0:
-                    raise SystemExit(f"smtp-source exited {source.returncode}: "
-                                     + (workdir / "smtp-source.log").read_text(errors="replace")[-2000:])
-            with engine.connect() as conn:
-                delivered = conn.execute(delivered_q).scalar_one()
-                failed = conn.execute(failed_q).scalar_one() if delivered < args.messages else 0
-            if delivered >= args.messages and t_source is not None:
-                t_done = time.time()
-                break
-            if failed:
-                raise SystemExit(f"{failed} recipient(s) were deferred or bounced; see relayd.log")
-            if relayd.poll() is not None:
-                raise SystemExit(f"relayd exited {relayd.returncode} during the run")
-            if time.monotonic() > deadline:
-                raise SystemExit(f"throughput: timed out after {args.timeout:g}s with {delivered} of "
-                                 f"{args.messages} delivered")
-            time.sleep(args.poll)
-    finally:
-        if source.poll() is None:
-            stop_process(source)
-        source_log.close()
+    failed = 0
+
+    def count() -> int:
+        nonlocal failed
+        with engine.connect() as conn:
+            delivered = conn.execute(delivered_q).scalar_one()
+            failed = conn.execute(failed_q).scalar_one() if delivered < args.messages else 0
+        return delivered
+
+    def check(delivered: int) -> None:
+        if failed:
+            raise SystemExit(f"{failed} recipient(s) were deferred or bounced; see relayd.log")
+        if relayd.poll() is not None:
+            raise SystemExit(f"relayd exited {relayd.returncode} during the run")
+
+    run = run_smtp_source(args, cmd, workdir, count, check)
+    t_start, t_source, t_done, delivered = run["t_start"], run["t_source"], run["t_done"], run["delivered"]
     busy1 = machine_busy()
     busy = busy_share(busy0, busy1)
     self_cpu = time.process_time() - self_cpu0
@@ -322,7 +355,7 @@ def measure_throughput(args: argparse.Namespace, port: int, engine, relayd: subp
     relayd_cpu = process_cpu(relayd.pid) - relayd_cpu0
     reactor_cpu = thread_cpu(relayd.pid, relayd.pid) - reactor_cpu0
     sink_cpu = process_cpu(sink.pid) - sink_cpu0
-    source_cpu = (children1.ru_utime + children1.ru_stime) - (children0.ru_utime + children0.ru_stime)
+    source_cpu = run["source_cpu"]
     # CPU the machine spent on anything but these processes and the PostgreSQL server (other
     # jobs, the kernel's own threads): a noisy machine shows here.
     all_cpu = (busy1[0] - busy0[0]) / os.sysconf("SC_CLK_TCK")
@@ -393,8 +426,8 @@ def run(args: argparse.Namespace, workdir: Path, url: str, command: str) -> dict
         engine.dispose()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_load_arguments(parser: argparse.ArgumentParser) -> None:
+    """The load's options (smtp-source's and the latency phase's), shared with bench_postfix.py."""
     parser.add_argument("--messages", "-m", type=int, default=20_000, help="smtp-source -m: messages (20000; 0 skips)")
     parser.add_argument("--sessions", "-s", type=int, default=8, help="smtp-source -s: parallel sessions (8)")
     parser.add_argument("--size", "-l", type=int, default=1024, help="smtp-source -l: payload bytes (1024)")
@@ -402,12 +435,52 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=20, help="idle-latency messages (20; 0 skips)")
     parser.add_argument("--warmup", type=int, default=2, help="latency messages sent first and not counted (2)")
     parser.add_argument("--gap", type=float, default=0.5, help="pause after each latency message (0.5 s)")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """--timeout and --poll, shared with bench_postfix.py."""
+    parser.add_argument("--timeout", type=float, default=300.0, help="bound of each phase, seconds (300)")
+    parser.add_argument("--poll", type=float, default=0.1, help="how often to count delivered recipients (0.1 s)")
+
+
+def latency_lines(lat: dict, label: str, path: str) -> list[str]:
+    """The two text lines of an idle-latency result (``path``: e.g. "smtplib -> relayd -> receiver")."""
+    return [f"idle latency ({label}, {lat['samples']} messages, {path}): "
+            f"median {lat['median_ms']:.2f} ms, p90 {lat['p90_ms']:.2f} ms, max {lat['max_ms']:.2f} ms "
+            f"(min {lat['min_ms']:.2f})",
+            f"  medians: submitted {lat['submitted_median_ms']:.2f} ms (connect+greeting "
+            f"{lat['greeting_median_ms']:.2f}, EHLO/MAIL/RCPT {lat['ehlo_to_rcpt_median_ms']:.2f}, DATA to 250 "
+            f"{lat['data_median_ms']:.2f}), then delivered {lat['delivered_median_ms']:.2f} ms"]
+
+
+def throughput_lines(tp: dict, args: argparse.Namespace, label: str, seen: str) -> list[str]:
+    """The load and rate lines of a throughput result (``seen``: what was polled, e.g. "the spool")."""
+    return [f"throughput ({label}): {tp['messages']} messages x {args.size} B, {args.sessions} sessions"
+            f"{' (-d)' if args.reuse else ''}",
+            f"  end to end:      {tp['rate']:,.0f} messages/s ({tp['seconds']:.2f} s from smtp-source start "
+            f"to the last delivery; {tp['seconds_polled']:.2f} s until {seen} was seen complete)",
+            f"  submission only: {tp['submission_rate']:,.0f} messages/s ({tp['submission_seconds']:.2f} s, "
+            f"smtp-source wall time)"]
+
+
+def summary_parts(tp: dict | None, lat: dict | None) -> list[str]:
+    summary = []
+    if tp:
+        summary.append(f"end-to-end {tp['rate']:,.0f} msgs/s, submission-only {tp['submission_rate']:,.0f} msgs/s")
+    if lat:
+        summary.append(f"idle latency median {lat['median_ms']:.2f} ms (p90 {lat['p90_ms']:.2f}, "
+                       f"max {lat['max_ms']:.2f})")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_load_arguments(parser)
     parser.add_argument("--connections", "-c", type=int,
                         help="delivery.concurrency and per_domain_concurrency (default: relayd's)")
     parser.add_argument("--batch-size", type=int, help="delivery.batch_size (default: relayd's)")
     parser.add_argument("--pg", action="store_true", help="a fresh schema in " + PG_SERVER_URL)
-    parser.add_argument("--timeout", type=float, default=300.0, help="bound of each phase, seconds (300)")
-    parser.add_argument("--poll", type=float, default=0.1, help="how often to count delivered recipients (0.1 s)")
+    add_run_arguments(parser)
     parser.add_argument("--py-spy", metavar="FILE", help="py-spy record -f raw of relayd during the throughput phase")
     parser.add_argument("--gil", action="store_true", help="with --py-spy: only samples holding the GIL")
     parser.add_argument("--relayd-module", default="relay.daemon", help=argparse.SUPPRESS)  # instrumented runs
@@ -433,34 +506,19 @@ def main(argv: list[str] | None = None) -> int:
     print("config:    " + r["config"].replace("\n", "\n           ").rstrip())
     lat = r.get("latency")
     if lat:
-        print(f"idle latency ({r['spool']}, {lat['samples']} messages, smtplib -> relayd -> receiver): "
-              f"median {lat['median_ms']:.2f} ms, p90 {lat['p90_ms']:.2f} ms, max {lat['max_ms']:.2f} ms "
-              f"(min {lat['min_ms']:.2f})")
-        print(f"  medians: submitted {lat['submitted_median_ms']:.2f} ms (connect+greeting "
-              f"{lat['greeting_median_ms']:.2f}, EHLO/MAIL/RCPT {lat['ehlo_to_rcpt_median_ms']:.2f}, DATA to 250 "
-              f"{lat['data_median_ms']:.2f}), then delivered {lat['delivered_median_ms']:.2f} ms")
+        print("\n".join(latency_lines(lat, r["spool"], "smtplib -> relayd -> receiver")))
     tp = r.get("throughput")
     if tp:
         print(f"source:    {tp['command']}")
         if tp["py_spy_command"]:
             print(f"py-spy:    {tp['py_spy_command']}")
-        print(f"throughput ({r['spool']}): {tp['messages']} messages x {args.size} B, {args.sessions} sessions"
-              f"{' (-d)' if args.reuse else ''}")
-        print(f"  end to end:      {tp['rate']:,.0f} messages/s ({tp['seconds']:.2f} s from smtp-source start "
-              f"to the last delivery; {tp['seconds_polled']:.2f} s until the spool was seen complete)")
-        print(f"  submission only: {tp['submission_rate']:,.0f} messages/s ({tp['submission_seconds']:.2f} s, "
-              f"smtp-source wall time)")
+        print("\n".join(throughput_lines(tp, args, r["spool"], "the spool")))
         print(f"  CPU: relayd {tp['relayd_cpu']:.1f} s ({tp['reactor_cpu']:.1f} s in the reactor thread; "
               f"{1e6 * tp['relayd_cpu'] / tp['messages']:.0f} us a message), smtp-source {tp['source_cpu']:.1f} s, "
               f"smtp-sink {tp['sink_cpu']:.1f} s, this script {tp['bench_cpu']:.1f} s, "
               f"postgres {tp['postgres_cpu']:.1f} s, "
               f"everything else {tp['other_cpu']:.1f} s; machine {tp['machine_busy']:.0%} busy")
-    summary = []
-    if tp:
-        summary.append(f"end-to-end {tp['rate']:,.0f} msgs/s, submission-only {tp['submission_rate']:,.0f} msgs/s")
-    if lat:
-        summary.append(f"idle latency median {lat['median_ms']:.2f} ms (p90 {lat['p90_ms']:.2f}, "
-                       f"max {lat['max_ms']:.2f})")
+    summary = summary_parts(tp, lat)
     summary.append(f"relayd exited {r.get('relayd_exit')}")
     print(f"summary ({r['spool']}): " + "; ".join(summary))
     return 0 if ok else 1
