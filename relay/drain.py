@@ -218,7 +218,7 @@ class DrainService(service.Service):
             self._woken = True        # claim again as soon as this claim is done
             return
         if self._poll_call is not None and self._poll_call.active():
-            delay = self._wake_delay()
+            delay = self.wake_delay()
             if delay > 0:
                 if self._poll_call.getTime() > self.reactor.seconds() + delay:
                     self._poll_call.reset(delay)
@@ -227,8 +227,10 @@ class DrainService(service.Service):
             self._poll_call = None
             self._tick()
 
-    def _wake_delay(self) -> float:
-        """0 when idle; ``busy_claim_delay`` while claimed recipients are being delivered."""
+    def wake_delay(self) -> float:
+        """How long a wake-up waits before claiming: 0 when idle,
+        ``busy_claim_delay`` while claimed recipients are being delivered.
+        (Safe to call from another thread: it only reads.)"""
         return self.busy_claim_delay if self._claimed else 0.0
 
     def idle(self) -> defer.Deferred:
@@ -286,7 +288,7 @@ class DrainService(service.Service):
         if count >= limit and not self._stopping:
             self._schedule_poll(0)       # more is due right now
         elif woken and not self._stopping:
-            self._schedule_poll(self._wake_delay())   # new mail arrived during the claim
+            self._schedule_poll(self.wake_delay())   # new mail arrived during the claim
         else:
             self._schedule_poll()
         self._check_idle()

@@ -91,7 +91,7 @@ def build_service(config: Config, reactor=None, *, trust_root=None, attempt_log=
                          busy_claim_delay=BUSY_CLAIM_DELAY, attempt_log=attempt_log)
     drain.setServiceParent(top)
     top.drain = drain
-    wakeup = build_wakeup_service(config.spool_url, reactor, drain.wake)
+    wakeup = build_wakeup_service(config.spool_url, reactor, drain.wake, busy_interval=drain.wake_delay)
     if wakeup is not None:
         wakeup.setServiceParent(top)
     submission = build_submission_service(config, deferred_spool, reactor, on_enqueued=drain.wake,

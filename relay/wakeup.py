@@ -7,8 +7,11 @@
   (notifications sent while it was disconnected are lost, so it wakes the
   drain once after every reconnect).
 * SQLite: :class:`SQLiteChangeWatcher` reads ``PRAGMA data_version`` on its
-  own connection every few milliseconds; it changes when another connection
-  commits, so a ``relayctl enqueue`` in another process is seen at once.
+  own connection every few milliseconds while relayd is idle; it changes when
+  another connection commits, so a ``relayctl enqueue`` in another process is
+  seen at once.  While relayd is delivering it reads it only as often as the
+  drain would act on a wake-up anyway (``busy_claim_delay``): each read takes
+  the GIL from the busy reactor thread, which costs far more than the read.
 
 Both block in a thread of their own (never the reactor thread, never the
 spool's pool) and report through ``reactor.callFromThread``.  Polling in the
@@ -104,10 +107,14 @@ class SQLiteChangeWatcher(_WatcherThread):
 
     name = "sqlite-watch"
 
-    def __init__(self, path: str, reactor, on_change: Callable[[], None], *, interval: float = 0.005):
+    def __init__(self, path: str, reactor, on_change: Callable[[], None], *, interval: float = 0.005,
+                 busy_interval: Callable[[], float] = lambda: 0.0):
         super().__init__(reactor, on_change)
         self.path = path
         self.interval = interval
+        #: How long the drain would wait before acting on a wake-up now (0 when
+        #: idle); read from this thread, so it must only read plain attributes.
+        self.busy_interval = busy_interval
 
     def _run(self) -> None:
         conn = None
@@ -125,15 +132,17 @@ class SQLiteChangeWatcher(_WatcherThread):
                     conn.close()
                 conn, last = None, None
                 time.sleep(0.5)
-            self._stop.wait(self.interval)
+            self._stop.wait(max(self.interval, self.busy_interval()))
         if conn is not None:
             conn.close()
 
 
-def build_wakeup_service(url: str, reactor, on_change: Callable[[], None]) -> service.Service | None:
-    """The watcher for this spool's dialect (None for an in-memory SQLite spool)."""
+def build_wakeup_service(url: str, reactor, on_change: Callable[[], None], *,
+                         busy_interval: Callable[[], float] = lambda: 0.0) -> service.Service | None:
+    """The watcher for this spool's dialect (None for an in-memory SQLite spool);
+    ``busy_interval`` is the drain's current wake-up delay (``DrainService.wake_delay``)."""
     if url.startswith("postgresql"):
         return PostgresNotifyListener(url, reactor, on_change)
     from relay.spool.engine import sqlite_path
     path = sqlite_path(url)
-    return SQLiteChangeWatcher(path, reactor, on_change) if path else None
+    return SQLiteChangeWatcher(path, reactor, on_change, busy_interval=busy_interval) if path else None
