@@ -980,3 +980,40 @@ def test_enqueue_claimed_after_the_server_ended_the_connection(pg_url):
         assert spool._direct._raw.driver_connection.info.backend_pid != backend
     finally:
         spool.close()
+
+
+def test_enqueue_claimed_ids_match_the_rows_over_several_statements(spool):
+    """Hundreds of recipients (several multi-row INSERTs on SQLite): every
+    claimed id is the row of that message's recipient at that position."""
+    msgs = [replace(new_message("x@example.org", subject=f"bulk {n}"),
+                    recipients=tuple(f"user{n}-{k}@example{n % 3}.org" for k in range(70)))
+            for n in range(4)]
+    ids, claimed = spool.enqueue_claimed(msgs, T0, "node-a", LEASE)
+    with spool.engine.connect() as conn:
+        rows = {r.id: (r.message_id, r.position, r.address) for r in conn.execute(
+            select(recipients_table.c.id, recipients_table.c.message_id, recipients_table.c.position,
+                   recipients_table.c.address))}
+    expected = {r.id: (m.id, pos, r.address) for m in claimed for pos, r in enumerate(m.recipients)}
+    assert len(expected) == 280 and rows == expected
+    assert [m.id for m in claimed] == ids
+
+
+def test_enqueue_claimed_ids_when_sqlite_rowids_are_at_their_maximum(sqlite_url):
+    """SQLite: once the largest rowid is 2**63 - 1, new rows get random ids;
+    the direct writer notices and reads the ids back instead of computing them."""
+    spool = open_spool(sqlite_url)
+    try:
+        first = spool.enqueue([new_message("first@example.org")], T0)[0]
+        with spool.engine.begin() as conn:
+            conn.execute(recipients_table.update().where(recipients_table.c.message_id == first)
+                         .values(id=2**63 - 1))
+        ids, claimed = spool.enqueue_claimed([new_message("a@example.org", "b@example.org", subject="one"),
+                                              new_message("c@example.org", subject="two")], T0, "node-a", LEASE)
+        with spool.engine.connect() as conn:
+            rows = {r.id: (r.message_id, r.address) for r in conn.execute(
+                select(recipients_table.c.id, recipients_table.c.message_id, recipients_table.c.address)
+                .where(recipients_table.c.message_id.in_(ids)))}
+        assert rows == {r.id: (m.id, r.address) for m in claimed for r in m.recipients}
+        assert len(rows) == 3
+    finally:
+        spool.close()
