@@ -162,6 +162,7 @@ class Config:
     submission_users: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     max_message_size: int = 25_000_000
     metrics_listen: str = ""
+    cpu_affinity: tuple[int, ...] = ()   # () = wherever the kernel schedules it
     source: str | None = None       # the file it came from, for messages
 
     def with_overrides(self, **changes: Any) -> "Config":
@@ -254,6 +255,15 @@ def parse_nameserver(spec: str) -> tuple[str, int]:
     return address, port
 
 
+def _cpu_list(value: object, key: str) -> tuple[int, ...]:
+    if (not isinstance(value, list)
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)):
+        raise ConfigError(f"{key} must be a list of CPU numbers such as [1] or [2, 3], not {value!r}.")
+    if len(set(value)) != len(value):
+        raise ConfigError(f"{key} names a CPU twice: {value!r}.")
+    return tuple(value)
+
+
 def _users(value: object, key: str) -> Mapping[str, str]:
     if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
         raise ConfigError(f"{key} must be a table of user name = \"password\" strings.")
@@ -294,6 +304,7 @@ def _routes(value: object, key: str) -> Mapping[str, Route]:
 _KEYS: dict[str, tuple[str, Any]] = {
     "relay.hostname": ("hostname", _nonempty_string),
     "relay.node": ("node", _nonempty_string),
+    "relay.cpu_affinity": ("cpu_affinity", _cpu_list),
     "spool.url": ("spool_url", _spool_url),
     "spool.busy_timeout": ("spool_busy_timeout", parse_duration),
     "dns.nameservers": ("nameservers", _nameservers),

@@ -12,12 +12,16 @@ record, release), and the thread pool last, once nothing uses it.
 
 from __future__ import annotations
 
+import os
+from typing import Sequence
+
 from twisted.application import service
 from twisted.internet import defer
 from twisted.python import usage
 
 from relay.config import Config, load_config, redact_url
 from relay.drain import DrainService
+from relay.errors import ConfigError
 from relay.metrics import RelayMetrics, build_metrics_service
 from relay.routing import Router, make_resolver
 from relay.spool import open_spool
@@ -80,6 +84,7 @@ def build_service(config: Config, reactor=None, *, trust_root=None, attempt_log=
         from twisted.internet import reactor as global_reactor
         reactor = global_reactor
     check_submission_config(config)      # refuse an open relay before touching the spool
+    pin_to_cpus(config.cpu_affinity)     # before any thread starts (threads inherit it)
     spool = open_spool(config.spool_url, busy_timeout=config.spool_busy_timeout)
     deferred_spool = DeferredSpool(spool, reactor, threads=3)
     top = RelayService(config, deferred_spool)
@@ -109,6 +114,36 @@ def build_service(config: Config, reactor=None, *, trust_root=None, attempt_log=
 #: about a thousand objects, most freed by reference counting at once).
 #: Measured with scripts/bench_e2e.py: about 5 % more messages per second.
 GC_THRESHOLDS = (50_000, 20, 20)
+
+
+def pin_to_cpus(cpus: Sequence[int]) -> None:
+    """``relay.cpu_affinity``: keep every thread of this process (and those it
+    starts later) on these CPUs; nothing when empty.
+
+    relayd runs Python on one core at a time (the GIL); its reactor thread and
+    the spool's threads hand the GIL and work to each other many times per
+    message.  Where waking a thread on another CPU is dear (virtual machines:
+    an inter-processor interrupt is a VM exit), keeping them on one CPU is
+    much cheaper; see README "Performance".  Raises ConfigError for a CPU
+    this process may not use."""
+    if not cpus:
+        return
+    if not hasattr(os, "sched_setaffinity"):
+        raise ConfigError("relay.cpu_affinity needs Linux (sched_setaffinity); remove it on this system.")
+    allowed = os.sched_getaffinity(0)
+    refused = sorted(set(cpus) - allowed)
+    if refused:
+        raise ConfigError(f"relay.cpu_affinity names CPU {refused[0]}, which this process may not use "
+                          f"(it may use {', '.join(str(c) for c in sorted(allowed))}).")
+    try:
+        threads = [int(tid) for tid in os.listdir("/proc/self/task")]
+    except OSError:
+        threads = [0]
+    for tid in threads:
+        try:
+            os.sched_setaffinity(tid, set(cpus))
+        except ProcessLookupError:
+            pass    # a thread that ended meanwhile
 
 
 def tune_garbage_collector() -> None:

@@ -31,6 +31,7 @@ Every process it starts is stopped; each phase is bounded by ``--timeout``.
 
     python scripts/bench_e2e.py                 # SQLite
     python scripts/bench_e2e.py --pg            # PostgreSQL
+    python scripts/bench_e2e.py --cpu-affinity 1  # relay.cpu_affinity = [1]
     python scripts/bench_e2e.py --reuse         # smtp-source -d: one connection per session
     python scripts/bench_e2e.py --py-spy out.txt  # py-spy record (raw) of relayd during the throughput phase
 
@@ -168,11 +169,15 @@ class ArrivalReceiver:
 # -- relayd --------------------------------------------------------------
 
 def write_config(path: Path, *, spool_url: str, listen_port: int, sink_port: int, receiver_port: int,
-                 connections: int | None, batch_size: int | None) -> None:
+                 connections: int | None, batch_size: int | None, cpu_affinity: str | None = None) -> None:
     lines = [
         "[relay]",
         'hostname = "relay.bench.example"',
         'node = "bench"',
+    ]
+    if cpu_affinity:
+        lines.append(f"cpu_affinity = [{cpu_affinity}]")
+    lines += [
         "[spool]",
         f"url = {toml_str(spool_url)}",
         "[submission]",
@@ -392,7 +397,8 @@ def run(args: argparse.Namespace, workdir: Path, url: str, command: str) -> dict
             listen_port = free_port()
             config = workdir / "relayd.toml"
             write_config(config, spool_url=url, listen_port=listen_port, sink_port=sink_port,
-                         receiver_port=receiver.port, connections=args.connections, batch_size=args.batch_size)
+                         receiver_port=receiver.port, connections=args.connections, batch_size=args.batch_size,
+                         cpu_affinity=args.cpu_affinity)
             env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), *args.pythonpath]))
             env.pop("RELAY_CONFIG", None)
             env.pop("RELAY_SPOOL_URL", None)
@@ -479,6 +485,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", "-c", type=int,
                         help="delivery.concurrency and per_domain_concurrency (default: relayd's)")
     parser.add_argument("--batch-size", type=int, help="delivery.batch_size (default: relayd's)")
+    parser.add_argument("--cpu-affinity", metavar="CPUS",
+                        help="relay.cpu_affinity, e.g. 1 or 0,1 (default: not pinned)")
     parser.add_argument("--pg", action="store_true", help="a fresh schema in " + PG_SERVER_URL)
     add_run_arguments(parser)
     parser.add_argument("--py-spy", metavar="FILE", help="py-spy record -f raw of relayd during the throughput phase")

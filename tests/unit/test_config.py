@@ -33,3 +33,21 @@ def test_routes_become_route_values_without_showing_passwords(tmp_path):
     route = config.routes["example.test"]
     assert route == Route(host="127.0.0.1", port=2525, username="u", password="s3cret")
     assert "s3cret" not in repr(route)
+
+
+def test_cpu_affinity_is_a_list_of_cpu_numbers(tmp_path):
+    """relay.cpu_affinity loads as a tuple; the default is no pinning."""
+    assert _load(tmp_path, "").cpu_affinity == ()
+    assert _load(tmp_path, "[relay]\ncpu_affinity = [1, 0]\n").cpu_affinity == (1, 0)
+
+
+@pytest.mark.parametrize("value, message", [
+    ("1", "must be a list of CPU numbers"),
+    ("[-1]", "must be a list of CPU numbers"),
+    ("[true]", "must be a list of CPU numbers"),
+    ('["0"]', "must be a list of CPU numbers"),
+    ("[0, 0]", "names a CPU twice"),
+])
+def test_cpu_affinity_refuses_what_is_not_a_list_of_cpus(tmp_path, value, message):
+    with pytest.raises(ConfigError, match=message):
+        _load(tmp_path, f"[relay]\ncpu_affinity = {value}\n")
