@@ -52,7 +52,6 @@ from relay.spool.schema import recipients as R
 _PENDING = (State.QUEUED.value, State.DEFERRED.value, State.INFLIGHT.value)
 _NOT_FINAL = _PENDING + (State.HELD.value,)
 _CHUNK = 900  # rows per IN (...) list: under SQLite's default variable limit
-_SQLITE_VARIABLES = 999  # parameters per statement: every SQLite build allows this many
 
 #: The columns enqueue writes, in the order of its parameter tuples.
 _MESSAGE_COLUMNS = ("id", "sender", "size", "eight_bit", "created_at", "subject",
@@ -596,7 +595,6 @@ class _DirectWriter:
         self._last_used = 0.0
         quote = spool.engine.dialect.identifier_preparer.quote
         self._messages, self._recipients = quote(M.name), quote(R.name)
-        self._sqlite_inserts: dict[tuple[str, int], str] = {}
         if spool.dialect == "postgresql":
             mcols = ", ".join(quote(c) for c in _MESSAGE_COLUMNS)
             rcols = ", ".join(quote(c) for c in _RECIPIENT_COLUMNS)
@@ -673,42 +671,18 @@ class _DirectWriter:
         return [qid for qid, _ in new], _claimed_messages(new, rids, now)
 
     def _sqlite(self, raw, message_rows, recipient_rows, qids) -> list[tuple]:
-        """One ``BEGIN IMMEDIATE`` .. ``COMMIT`` with one multi-row INSERT per
-        table (per ~100 rows): a handful of calls into SQLite for the whole
-        group.  Each call lets go of the GIL, and while relayd is busy every
-        such release is a hand-off with the reactor thread; ``executemany``
-        and a SELECT of the new ids would cost one per row.
-
-        The recipients' ids are the rowids SQLite assigns in VALUES order:
-        one more than the table's largest, row after row, which holds while
-        the largest rowid is below 2**63 - 1 (then SQLite picks at random).
-        ``max(id) == lastrowid`` after each INSERT proves it did not; if it
-        ever failed, the ids are read back instead."""
         cur = raw.cursor()
         try:
             cur.execute("BEGIN IMMEDIATE")
             try:
-                for chunk in _chunks(message_rows, _SQLITE_VARIABLES // len(_MESSAGE_COLUMNS)):
-                    cur.execute(self._sqlite_values_insert(M, _MESSAGE_COLUMNS, len(chunk)),
-                                [value for row in chunk for value in row])
-                rows: list[tuple] | None = []
-                for chunk in _chunks(recipient_rows, _SQLITE_VARIABLES // len(_RECIPIENT_COLUMNS)):
-                    cur.execute(self._sqlite_values_insert(R, _RECIPIENT_COLUMNS, len(chunk)),
-                                [value for row in chunk for value in row])
-                    last = cur.lastrowid
-                    if rows is not None:
-                        cur.execute(f"SELECT max(id) FROM {self._recipients}")
-                        if cur.fetchone()[0] == last:
-                            rows.extend((rid, row[0], row[1])
-                                        for rid, row in zip(range(last - len(chunk) + 1, last + 1), chunk))
-                        else:
-                            rows = None
-                if rows is None:
-                    rows = []
-                    for chunk in _chunks(qids):
-                        cur.execute(f"SELECT id, message_id, position FROM {self._recipients} "
-                                    f"WHERE message_id IN ({', '.join('?' * len(chunk))})", list(chunk))
-                        rows.extend(cur.fetchall())
+                cur.executemany(self.spool._insert_messages, message_rows)
+                if recipient_rows:
+                    cur.executemany(self.spool._insert_recipients, recipient_rows)
+                rows: list[tuple] = []
+                for chunk in _chunks(qids):
+                    cur.execute(f"SELECT id, message_id, position FROM {self._recipients} "
+                                f"WHERE message_id IN ({', '.join('?' * len(chunk))})", list(chunk))
+                    rows.extend(cur.fetchall())
                 cur.execute("COMMIT")
             except BaseException:
                 if raw.driver_connection.in_transaction:
@@ -717,18 +691,6 @@ class _DirectWriter:
         finally:
             cur.close()
         return rows
-
-    def _sqlite_values_insert(self, table, columns: Sequence[str], count: int) -> str:
-        """``INSERT INTO table (columns) VALUES (?, ..), .. `` for ``count`` rows
-        (the driver caches the prepared statement by its text)."""
-        key = (table.name, count)
-        sql = self._sqlite_inserts.get(key)
-        if sql is None:
-            row = f"({', '.join('?' * len(columns))})"
-            sql = self._sqlite_inserts[key] = (
-                self.spool._driver_insert(table, columns).partition(" VALUES ")[0]
-                + " VALUES " + ", ".join([row] * count))
-        return sql
 
     def _postgresql(self, raw, message_rows, recipient_rows) -> list[tuple]:
         with raw.driver_connection.cursor() as cur:

@@ -983,8 +983,8 @@ def test_enqueue_claimed_after_the_server_ended_the_connection(pg_url):
 
 
 def test_enqueue_claimed_ids_match_the_rows_over_several_statements(spool):
-    """Hundreds of recipients (several multi-row INSERTs on SQLite): every
-    claimed id is the row of that message's recipient at that position."""
+    """Hundreds of recipients in one batch: every claimed id is the row of
+    that message's recipient at that position."""
     msgs = [replace(new_message("x@example.org", subject=f"bulk {n}"),
                     recipients=tuple(f"user{n}-{k}@example{n % 3}.org" for k in range(70)))
             for n in range(4)]
@@ -1000,7 +1000,7 @@ def test_enqueue_claimed_ids_match_the_rows_over_several_statements(spool):
 
 def test_enqueue_claimed_ids_when_sqlite_rowids_are_at_their_maximum(sqlite_url):
     """SQLite: once the largest rowid is 2**63 - 1, new rows get random ids;
-    the direct writer notices and reads the ids back instead of computing them."""
+    the claimed ids are still those of the rows (never computed from rowids)."""
     spool = open_spool(sqlite_url)
     try:
         first = spool.enqueue([new_message("first@example.org")], T0)[0]
