@@ -402,9 +402,9 @@ def run(args: argparse.Namespace, workdir: Path, url: str, command: str) -> dict
             env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), *args.pythonpath]))
             env.pop("RELAY_CONFIG", None)
             env.pop("RELAY_SPOOL_URL", None)
-            cmd = [sys.executable, "-m", args.relayd_module, "--config", str(config)]
+            cmd = [args.python, "-m", args.relayd_module, "--config", str(config)]
             log_path = workdir / "relayd.log"
-            result.update(relayd_command=" ".join(shlex.quote(c) for c in cmd), sink_command=" ".join(sink_cmd),
+            result.update(relayd_python=interpreter_version(args.python), relayd_command=" ".join(shlex.quote(c) for c in cmd), sink_command=" ".join(sink_cmd),
                           config=config.read_text())
             with open(log_path, "wb") as log:
                 relayd = subprocess.Popen(cmd, cwd=workdir, env=env, stdin=subprocess.DEVNULL,
@@ -430,6 +430,18 @@ def run(args: argparse.Namespace, workdir: Path, url: str, command: str) -> dict
         if relayd is not None:
             stop_process(relayd, grace=10)
         engine.dispose()
+
+
+def interpreter_version(python: str) -> str:
+    """``python``'s path, version, and whether the interpreter runs from a
+    shared libpython (position-independent code, slower) or is linked
+    statically; see README "Performance" on interpreter builds."""
+    probe = ("import platform, sys; "
+             "maps = open('/proc/self/maps').read(); "
+             "print(sys.executable, platform.python_version(), "
+             "'libpython shared' if 'libpython' in maps else 'libpython static')")
+    out = subprocess.run([python, "-c", probe], capture_output=True, text=True, check=True)
+    return out.stdout.strip()
 
 
 def add_load_arguments(parser: argparse.ArgumentParser) -> None:
@@ -488,6 +500,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu-affinity", metavar="CPUS",
                         help="relay.cpu_affinity, e.g. 1 or 0,1 (default: not pinned)")
     parser.add_argument("--pg", action="store_true", help="a fresh schema in " + PG_SERVER_URL)
+    parser.add_argument("--python", metavar="PATH", default=sys.executable,
+                        help="the interpreter that runs relayd (default: this one); it needs relay's "
+                             "dependencies, e.g. a venv of Debian's /usr/bin/python3.11 with "
+                             "'pip install .' (relayd's code is taken from this checkout)")
     add_run_arguments(parser)
     parser.add_argument("--py-spy", metavar="FILE", help="py-spy record -f raw of relayd during the throughput phase")
     parser.add_argument("--gil", action="store_true", help="with --py-spy: only samples holding the GIL")
@@ -511,6 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"benchmark: {r['command']}")
     print(f"sink:      {r['sink_command']}")
     print(f"relayd:    {r['relayd_command']}")
+    print(f"python:    {r['relayd_python']}")
     print("config:    " + r["config"].replace("\n", "\n           ").rstrip())
     lat = r.get("latency")
     if lat:
