@@ -161,6 +161,8 @@ class Config:
     submission_listen: str = ""
     submission_users: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     max_message_size: int = 25_000_000
+    submission_tls_cert: str = ""   # PEM certificate (chain) file; "" = no STARTTLS
+    submission_tls_key: str = ""    # PEM private key file; set together with the certificate
     metrics_listen: str = ""
     cpu_affinity: tuple[int, ...] = ()   # () = wherever the kernel schedules it
     source: str | None = None       # the file it came from, for messages
@@ -323,6 +325,8 @@ _KEYS: dict[str, tuple[str, Any]] = {
     "submission.listen": ("submission_listen", _listen),
     "submission.users": ("submission_users", _users),
     "submission.max_message_size": ("max_message_size", parse_size),
+    "submission.tls_cert": ("submission_tls_cert", _string),
+    "submission.tls_key": ("submission_tls_key", _string),
     "metrics.listen": ("metrics_listen", _listen),
 }
 _SECTIONS = {k.split(".")[0] for k in _KEYS} | {"routes"}
@@ -397,4 +401,17 @@ def load_config(path: str | os.PathLike[str] | None = None,
         raise ConfigError("retry.maximum must not be shorter than retry.initial.")
     if config.lease < 10:
         raise ConfigError("delivery.lease must be at least 10 seconds.")
+    check_tls_pair(config)
     return config
+
+
+SUBMISSION_TLS_PAIR = "submission.tls_cert and submission.tls_key must be set together, or neither."
+
+
+def check_tls_pair(config: Config) -> None:
+    """``submission.tls_cert`` and ``submission.tls_key``: both or neither (ConfigError).
+
+    (The files themselves are read by ``relay.submission`` when the listener
+    is built: relayctl never needs them.)"""
+    if bool(config.submission_tls_cert) != bool(config.submission_tls_key):
+        raise ConfigError(SUBMISSION_TLS_PAIR)

@@ -17,6 +17,15 @@ per connection, or one per login when ``submission.users`` is set) and one
 * Oversize -> 552 (at MAIL with ``SIZE=``, or at the final dot after counting
   the data, which is discarded); content the rules refuse (a line over 998
   octets, bad headers...) -> 554 5.6.0 with the sentence.
+* STARTTLS (RFC 3207) when ``submission.tls_cert``/``tls_key`` are set
+  (:func:`load_submission_tls`).  Whatever the client pipelined after
+  STARTTLS in plaintext is discarded, never run after the handshake
+  (CVE-2011-0411), and TLS starts a new session: EHLO/HELO, MAIL/RCPT and
+  any AUTH are forgotten.  STARTTLS with an argument -> 501, once TLS is on
+  -> 503; inside a transaction it is allowed and resets it (as Postfix's
+  smtpd does).  Like Postfix's ``smtpd_tls_auth_only = yes``, a non-loopback
+  client that has not started TLS is not offered AUTH and gets 530 5.7.0 for
+  AUTH and MAIL; loopback clients are served as without TLS.
 * 250 after DATA only once the message is committed.  Messages that finish
   DATA while a commit is running wait for the next one, which takes them all
   in ONE ``spool.enqueue`` transaction (:class:`GroupCommitter`); at most one
@@ -44,13 +53,16 @@ from dataclasses import dataclass, field, replace
 from email.utils import formatdate
 from typing import Callable, Mapping
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from OpenSSL import SSL, crypto
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.cred import credentials as cred_credentials
 from twisted.cred import error as cred_error
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.portal import IRealm, Portal
-from twisted.internet import defer, endpoints, protocol
+from twisted.internet import defer, endpoints, protocol, ssl
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.mail import smtp
@@ -58,7 +70,7 @@ from twisted.mail.imap4 import LOGINCredentials, PLAINCredentials
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relay.config import Config, parse_hostport
+from relay.config import Config, check_tls_pair, parse_hostport
 from relay.errors import BadMessage, ConfigError, RelayError, SpoolUnavailable
 from relay.message import parse_submitted, validate_address, validate_sender
 from relay.model import NewMessage
@@ -117,6 +129,7 @@ def _reply(text: str) -> bytes:
 
 
 _NON_ASCII = b"5.6.7 Non-ASCII addresses need SMTPUTF8, which this server does not offer."
+_TLS_FIRST = b"5.7.0 Must issue a STARTTLS command first"
 
 #: Formatted replies, by (code, text): most replies are the same every time.
 _REPLIES: dict[tuple[int, bytes], bytes] = {}
@@ -289,6 +302,8 @@ class _Settings:
     committer: GroupCommitter
     requires_auth: bool
     sessions: set = field(default_factory=set)
+    #: ``submission.tls_cert``/``tls_key`` loaded (:func:`load_submission_tls`); None = no STARTTLS.
+    tls: ssl.CertificateOptions | None = None
 
 
 @implementer(smtp.IMessageDelivery)
@@ -325,6 +340,8 @@ class SubmissionDelivery:
         proto = recipients[0].protocol if recipients else None
         with_ = "ESMTPA" if proto is not None and proto.authenticated else (
             "ESMTP" if proto is not None and proto.esmtp else "SMTP")
+        if proto is not None and proto.startedTLS and with_ != "SMTP":
+            with_ = with_.replace("ESMTP", "ESMTPS")       # RFC 3848: ESMTPS, ESMTPSA
         helo_arg = (helo[0] or b"").decode("ascii", "replace")
         helo_arg = _HELO_UNSAFE.sub("?", helo_arg)[:255] or "unknown"
         ip = helo[1].decode("ascii", "replace") if isinstance(helo[1], bytes) else str(helo[1])
@@ -442,7 +459,7 @@ class SubmissionProtocol(smtp.ESMTP):
     noisy = False
 
     def __init__(self, settings: _Settings, challengers):
-        smtp.ESMTP.__init__(self, challengers)
+        smtp.ESMTP.__init__(self, challengers, settings.tls)
         self.settings = settings
         self.host = settings.hostname
         self.esmtp = False
@@ -452,13 +469,17 @@ class SubmissionProtocol(smtp.ESMTP):
         self._paused = False
         self._closed = False
         self._refused = False
+        self._loopback = False
+        #: Set by STARTTLS: the rest of the read it came in is plaintext to drop.
+        self._drop_lines = False
         self._commit: defer.Deferred | None = None
         self._closed_waiters: list[defer.Deferred] = []
 
     # connection ----------------------------------------------------------
     def connectionMade(self):
         peer = self.transport.getPeer()
-        if not self.settings.requires_auth and not is_loopback(getattr(peer, "host", "")):
+        self._loopback = is_loopback(getattr(peer, "host", ""))
+        if not self.settings.requires_auth and not self._loopback:
             self._refused = True
             self.sendCode(554, b"5.7.1 This relay serves loopback clients only.")
             self.transport.loseConnection()
@@ -508,8 +529,16 @@ class SubmissionProtocol(smtp.ESMTP):
     def extensions(self):
         ext = {b"PIPELINING": None, b"8BITMIME": None,
                b"SIZE": [str(self.settings.max_size).encode()]}
-        ext.update(smtp.ESMTP.extensions(self))   # AUTH (empty list: not shown), STARTTLS if ever
+        ext.update(smtp.ESMTP.extensions(self))   # AUTH (empty list: not shown), STARTTLS until started
+        if self.needs_tls_first:
+            del ext[b"AUTH"]
         return ext
+
+    @property
+    def needs_tls_first(self) -> bool:
+        """True while AUTH and MAIL must wait for STARTTLS: TLS is configured,
+        not started, and the client is not on loopback (``smtpd_tls_auth_only``)."""
+        return self.ctx is not None and not self.startedTLS and not self._loopback
 
     def shutdown(self) -> None:
         """The listener stops: say 421 and close (mail not yet answered is not queued)."""
@@ -525,6 +554,7 @@ class SubmissionProtocol(smtp.ESMTP):
         call (same rules as Twisted's line-by-line ``dataLineReceived``: dot
         unstuffing, the blank line before a body without headers, SIZE); the
         final dot and what follows it go the usual way."""
+        self._drop_lines = False        # a new read: after STARTTLS, it came through TLS
         if self.mode != smtp.DATA or self._holding or self._refused or self.datafailed:
             return smtp.ESMTP.dataReceived(self, data)
         messages = self._SMTP__messages
@@ -568,7 +598,7 @@ class SubmissionProtocol(smtp.ESMTP):
         return None
 
     def lineReceived(self, line):
-        if self._refused:
+        if self._refused or self._drop_lines:
             return None
         if self._holding:
             # Keep reading (so that a client hanging up is noticed) unless it
@@ -640,6 +670,9 @@ class SubmissionProtocol(smtp.ESMTP):
         self.sendCode(252, b"2.5.0 Cannot VRFY user; send mail and it will be tried")
 
     def do_MAIL(self, rest):
+        if self.needs_tls_first:
+            self.sendCode(530, _TLS_FIRST)
+            return
         if self.settings.requires_auth and not self.authenticated:
             self.sendCode(530, b"5.7.0 Authentication required.")
             return
@@ -790,8 +823,55 @@ class SubmissionProtocol(smtp.ESMTP):
             self.sendCode(code, text)
         self._release()
 
+    def ext_STARTTLS(self, rest):
+        """RFC 3207.  Without TLS configured, Twisted's 454 as before."""
+        if self.ctx is None:
+            smtp.ESMTP.ext_STARTTLS(self, rest)
+            return
+        if rest:
+            self.sendCode(501, b"5.5.4 Syntax: STARTTLS")
+            return
+        if self.startedTLS:
+            self.sendCode(503, b"5.5.1 TLS is already active.")
+            return
+        if not self.canStartTLS:
+            self.sendCode(454, b"4.7.0 TLS not available due to local problem")
+            return
+        self.sendCode(220, b"2.0.0 Ready to start TLS")
+        # RFC 3207 section 4.2, CVE-2011-0411: what the client sent after
+        # STARTTLS before the handshake (the rest of this read, lines held
+        # while a commit ran) was plaintext: drop it, never run it under TLS.
+        # Twisted's LineOnlyReceiver has split the whole read into lines
+        # already: the ones after this are dropped by lineReceived.
+        self._drop_lines = True
+        self._buffer = b""
+        self._held.clear()
+        self._held_bytes = 0
+        self._new_session()
+        self.transport.startTLS(self.ctx)
+        self.startedTLS = True
+
+    def _new_session(self) -> None:
+        """Forget EHLO/HELO, the transaction and any AUTH (RFC 3207 section 4.2):
+        the client starts again with EHLO."""
+        peer = self.transport.getPeer()
+        self._helo = (None, getattr(peer, "host", str(peer)))
+        self.esmtp = False
+        self._from = None
+        self._to = []
+        if self._onLogout is not None:
+            logout, self._onLogout = self._onLogout, None
+            logout()
+        self.authenticated = False
+        self.challenger = None
+        self.deliveryFactory = None
+        self.delivery = None if self.portal is not None else SubmissionDelivery(self.settings)
+
     # AUTH hardening: a malformed command or response is a 501, not a dropped connection.
     def ext_AUTH(self, rest):
+        if self.needs_tls_first:
+            self.sendCode(530, _TLS_FIRST)
+            return
         if not rest.split(None, 1):
             self.sendCode(501, b"5.5.4 Syntax: AUTH mechanism [initial-response]")
             return
@@ -907,12 +987,71 @@ class SubmissionService(StreamServerEndpointService):
             session.transport.abortConnection()
 
 
+def _read_tls_file(path: str, key: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        reason = (e.strerror or str(e)).lower()
+        raise ConfigError(f"{key} {path} cannot be read ({reason}).") from None
+
+
+def load_submission_tls(config: Config) -> ssl.CertificateOptions | None:
+    """``submission.tls_cert`` and ``submission.tls_key`` as the listener's TLS
+    options (None when both are empty), read and checked now.
+
+    The certificate file holds the server certificate first, then any
+    intermediate certificates; the key file an unencrypted PEM private key
+    that matches it.  Raises ConfigError, one sentence naming the file, when
+    a file cannot be read, holds no certificate / key, or they do not match.
+    """
+    check_tls_pair(config)
+    cert_path, key_path = config.submission_tls_cert, config.submission_tls_key
+    if not cert_path:
+        return None
+    cert_pem = _read_tls_file(cert_path, "submission.tls_cert")
+    key_pem = _read_tls_file(key_path, "submission.tls_key")
+    try:
+        chain = x509.load_pem_x509_certificates(cert_pem)
+    except ValueError:
+        raise ConfigError(f"submission.tls_cert {cert_path} holds no valid PEM certificate.") from None
+    try:
+        # cryptography, not pyOpenSSL: for an encrypted key pyOpenSSL would
+        # ask for a passphrase on the terminal.
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except TypeError:
+        raise ConfigError(f"submission.tls_key {key_path} is encrypted; relayd needs an unencrypted "
+                          f"key (readable by relayd only).") from None
+    except (ValueError, crypto.Error, SSL.Error):
+        raise ConfigError(f"submission.tls_key {key_path} holds no valid PEM private key.") from None
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if key.public_key().public_bytes(*spki) != chain[0].public_key().public_bytes(*spki):
+        raise ConfigError(f"submission.tls_key {key_path} does not match the certificate in "
+                          f"submission.tls_cert {cert_path}.")
+    try:
+        # pyOpenSSL takes cryptography's objects (its own X509/PKey are deprecated there).
+        options = ssl.CertificateOptions(privateKey=key, certificate=chain[0], extraCertChain=list(chain[1:]))
+        options.getContext()        # build the OpenSSL context now, so that any trouble shows at start-up
+    except (ValueError, TypeError, crypto.Error, SSL.Error) as e:
+        raise ConfigError(f"submission.tls_cert {cert_path} with submission.tls_key {key_path} "
+                          f"cannot be used for TLS ({_reply(str(e)).decode()}).") from None
+    return options
+
+
 def check_submission_config(config: Config) -> tuple[str, int] | None:
     """Validate ``submission.*``: the (host, port) to listen on, or None when off.
 
     Raises ConfigError for a non-loopback address without users
-    (:data:`OPEN_RELAY`) or a host that is not an IP address or ``localhost``.
+    (:data:`OPEN_RELAY`), a host that is not an IP address or ``localhost``,
+    or TLS files that cannot be used (:func:`load_submission_tls`).
     """
+    where = _listen_address(config)
+    if where is not None:
+        load_submission_tls(config)
+    return where
+
+
+def _listen_address(config: Config) -> tuple[str, int] | None:
     if not config.submission_listen:
         return None
     host, port = parse_hostport(config.submission_listen, "submission.listen")
@@ -938,10 +1077,11 @@ def build_submission_service(config: Config, spool, reactor, *,
     passes ``DrainService.wake``); ``metrics`` (optional) gets
     ``enqueued(n)``.  Raises ConfigError as :func:`check_submission_config`.
     """
-    where = check_submission_config(config)
+    where = _listen_address(config)
     if where is None:
         return None
     host, port = where
+    tls = load_submission_tls(config)
 
     def committed(n: int, handed_off: bool) -> None:
         if metrics is not None:
@@ -954,7 +1094,7 @@ def build_submission_service(config: Config, spool, reactor, *,
 
     settings = _Settings(hostname=config.hostname, max_size=config.max_message_size,
                          committer=GroupCommitter(spool, reactor, on_committed=committed, handoff=handoff),
-                         requires_auth=bool(config.submission_users))
+                         requires_auth=bool(config.submission_users), tls=tls)
     portal = None
     if config.submission_users:
         portal = Portal(SubmissionRealm(settings), [UsersChecker(config.submission_users)])

@@ -237,6 +237,21 @@ def test_unknown_configuration_key_exits_64_with_one_sentence(spool_url, tmp_pat
         assert not Path(spool_url[len("sqlite:///"):]).exists(), "a refused config must not touch the spool"
 
 
+def test_unreadable_submission_tls_file_exits_64_with_one_sentence(spool_url, tmp_path, procs):
+    """submission.tls_cert naming a file that does not exist: relayd exits 64 with one sentence naming it, before the spool."""
+    missing = tmp_path / "tls" / "cert.pem"
+    config = write_config(tmp_path / "relay.toml", spool_url=spool_url, node="node-tls",
+                          extra={"submission": {"listen": f"127.0.0.1:{free_port()}",
+                                                "tls_cert": str(missing), "tls_key": str(tmp_path / "key.pem")}})
+    daemon = procs.relayd(config)
+    assert daemon.wait(20) == 64
+    lines = daemon.stderr().splitlines()
+    assert lines == [f"relayd: submission.tls_cert {missing} cannot be read (no such file or directory)."], lines
+    assert daemon.stdout() == ""
+    if spool_url.startswith("sqlite:///"):
+        assert not Path(spool_url[len("sqlite:///"):]).exists(), "a refused config must not touch the spool"
+
+
 @pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
 def test_unavailable_spool_exits_75_with_one_sentence(dialect, tmp_path, procs):
     """An unreachable PostgreSQL spool, or an SQLite spool whose directory cannot exist, makes relayd exit 75 with one sentence."""

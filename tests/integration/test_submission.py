@@ -7,12 +7,15 @@ no spool.
 
 from __future__ import annotations
 
+import base64
+import datetime
 import io
 import os
 import re
 import shutil
 import smtplib
 import socket
+import ssl
 import sys
 import tempfile
 import threading
@@ -29,6 +32,7 @@ from relay.errors import ConfigError, RelayError, SpoolUnavailable
 from relay.model import State
 from relay.spool import open_spool
 from relay.spool.deferred import DeferredSpool
+from relay import submission
 from relay.submission import OPEN_RELAY, build_submission_service
 from relay.tap import build_service
 from relay.testing import SMTPPeer, free_port, scratch_pg_url, wait_until
@@ -43,6 +47,42 @@ def scratch_dir(test) -> str:
     path = tempfile.mkdtemp(prefix="relay-submission-")
     test.addCleanup(shutil.rmtree, path, True)
     return path
+
+
+def write_self_signed(directory: str, name: str = "relay.test", prefix: str = "") -> tuple[str, str]:
+    """A fresh self-signed certificate and its key as PEM files in ``directory``: (cert path, key path)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_path = os.path.join(directory, f"{prefix}cert.pem")
+    key_path = os.path.join(directory, f"{prefix}key.pem")
+    with open(cert_path, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    with open(key_path, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def unverified_tls() -> ssl.SSLContext:
+    """A client context that does not check the (self-signed) certificate."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+PLAIN_ALICE = b"AUTH PLAIN " + base64.b64encode(b"\0alice\0s3cret")
 
 
 class RawClient:
@@ -237,6 +277,114 @@ class SubmissionScenarios:
         self.assertEqual(self.messages(), 2)
         info = self.sync.list_messages()
         self.assertTrue(all(b"with ESMTPA" in self.sync.show(m.id, include_data=True).data for m in info))
+
+    # -- STARTTLS ----------------------------------------------------------
+
+    def start_tls_listener(self, **overrides):
+        cert, key = write_self_signed(scratch_dir(self))
+        return self.start_listener(submission_users={"alice": "s3cret"}, submission_tls_cert=cert,
+                                   submission_tls_key=key, **overrides)
+
+    @defer.inlineCallbacks
+    def test_starttls_then_auth_and_send(self):
+        """A client not on loopback (simulated): EHLO offers STARTTLS but no AUTH, AUTH/MAIL -> 530;
+        after starttls() EHLO offers AUTH, login and send work, and the message is queued "with ESMTPSA"."""
+        self.patch(submission, "is_loopback", lambda host: False)
+        self.start_tls_listener()
+
+        def client():
+            out = {}
+            s = self.smtp()
+            try:
+                out["before"] = dict(s.esmtp_features)
+                out["auth_plain"] = s.docmd("AUTH", PLAIN_ALICE[5:].decode())
+                out["mail_plain"] = s.mail("app@sender.test")
+                out["starttls"] = s.starttls(context=unverified_tls())
+                out["tls_version"] = s.sock.version()
+                s.ehlo("client.test")
+                out["after"] = dict(s.esmtp_features)
+                out["login"] = s.login("alice", "s3cret")
+                out["refused"] = s.sendmail("app@sender.test", ["rcpt@dest.test"], MESSAGE)
+            finally:
+                s.quit()
+            return out
+
+        out = yield threads.deferToThread(client)
+        self.assertIn("starttls", out["before"])
+        self.assertNotIn("auth", out["before"])
+        self.assertEqual(out["auth_plain"], (530, b"5.7.0 Must issue a STARTTLS command first"))
+        self.assertEqual(out["mail_plain"], (530, b"5.7.0 Must issue a STARTTLS command first"))
+        self.assertEqual(out["starttls"], (220, b"2.0.0 Ready to start TLS"))
+        self.assertIn(out["tls_version"], ("TLSv1.2", "TLSv1.3"))
+        self.assertNotIn("starttls", out["after"])
+        self.assertEqual(sorted(out["after"]["auth"].split()), ["LOGIN", "PLAIN"])
+        self.assertEqual(out["login"][0], 235)
+        self.assertEqual(out["refused"], {})
+        [m] = self.sync.list_messages()
+        info = self.sync.show(m.id, include_data=True)
+        self.assertEqual((info.sender, [r.address for r in info.recipients]), ("app@sender.test", ["rcpt@dest.test"]))
+        self.assertIn(b"by relay.test (relay) with ESMTPSA", info.data)
+        self.assertTrue(info.data.endswith(MESSAGE), info.data)
+
+    @defer.inlineCallbacks
+    def test_plaintext_pipelined_after_starttls_is_never_run(self):
+        """STARTTLS and MAIL sent in one write (after a plaintext AUTH on loopback): after the handshake the
+        first reply is the one to the client's EHLO over TLS; the injected MAIL was never run and the AUTH is forgotten."""
+        self.start_tls_listener()
+
+        def client():
+            out = {}
+            sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+            try:
+                plain = sock.makefile("rb")
+                out["greeting"] = plain.readline()
+                sock.sendall(b"EHLO client.test\r\n" + PLAIN_ALICE + b"\r\n")
+                ehlo = [plain.readline()]
+                while ehlo[-1][3:4] == b"-":
+                    ehlo.append(plain.readline())
+                out["plain_ehlo"] = ehlo
+                out["auth"] = plain.readline()
+                sock.sendall(b"STARTTLS\r\nMAIL FROM:<evil@sender.test>\r\n")
+                out["220"] = plain.readline()
+                tls = unverified_tls().wrap_socket(sock)
+                f = tls.makefile("rb")
+
+                def cmd(line: bytes) -> list[bytes]:
+                    tls.sendall(line + b"\r\n")
+                    reply = [f.readline()]
+                    while reply[-1][3:4] == b"-":
+                        reply.append(f.readline())
+                    return reply
+
+                out["ehlo"] = cmd(b"EHLO client.test")
+                out["rcpt"] = cmd(b"RCPT TO:<victim@dest.test>")
+                out["mail_unauthenticated"] = cmd(b"MAIL FROM:<app@sender.test>")
+                out["auth_tls"] = cmd(PLAIN_ALICE)
+                out["mail"] = cmd(b"MAIL FROM:<app@sender.test>")
+                out["rcpt_ok"] = cmd(b"RCPT TO:<rcpt@dest.test>")
+                out["data"] = cmd(b"DATA")
+                out["dot"] = cmd(MESSAGE + b".")
+                out["quit"] = cmd(b"QUIT")
+                tls.close()
+            finally:
+                sock.close()
+            return out
+
+        out = yield threads.deferToThread(client)
+        self.assertTrue(out["greeting"].startswith(b"220 "), out)
+        self.assertIn(b"STARTTLS\r\n", [line[4:] for line in out["plain_ehlo"]])
+        self.assertTrue(out["auth"].startswith(b"235 "), out)
+        self.assertEqual(out["220"], b"220 2.0.0 Ready to start TLS\r\n")
+        self.assertTrue(out["ehlo"][0].startswith(b"250-relay.test Hello"), out["ehlo"])
+        self.assertNotIn(b"STARTTLS\r\n", [line[4:] for line in out["ehlo"]])
+        self.assertEqual(out["rcpt"], [b"503 5.5.1 Need MAIL before RCPT.\r\n"])
+        self.assertEqual(out["mail_unauthenticated"], [b"530 5.7.0 Authentication required.\r\n"])
+        self.assertTrue(out["auth_tls"][0].startswith(b"235 "), out)
+        self.assertEqual([r[0][:3] for r in (out["mail"], out["rcpt_ok"], out["data"], out["dot"], out["quit"])],
+                         [b"250", b"250", b"354", b"250", b"221"])
+        [m] = self.sync.list_messages()
+        self.assertEqual((m.sender, [r.address for r in m.recipients]), ("app@sender.test", ["rcpt@dest.test"]))
+        self.assertIn(b"with ESMTPSA", self.sync.show(m.id, include_data=True).data)
 
     # -- size and content --------------------------------------------------
 
@@ -514,6 +662,79 @@ class SubmissionConfigTests(unittest.TestCase):
             self.assertIsNotNone(build_submission_service(self.config(listen), None, reactor), listen)
         self.assertIsNotNone(build_submission_service(self.config("0.0.0.0:2525", {"u": "p"}), None, reactor))
         self.assertIsNone(build_submission_service(self.config(""), None, reactor))
+
+    def tls_config(self, cert: str, key: str) -> Config:
+        return Config(hostname="relay.test", node="n", spool_url="sqlite:///unused.db",
+                      submission_listen="127.0.0.1:2525", submission_users={"u": "p"},
+                      submission_tls_cert=cert, submission_tls_key=key)
+
+    def test_tls_files_are_loaded_at_build(self):
+        """A matching certificate and key build a listener whose sessions can STARTTLS (with those options)."""
+        cert, key = write_self_signed(scratch_dir(self))
+        svc = build_submission_service(self.tls_config(cert, key), None, reactor)
+        self.assertIsNotNone(svc.settings.tls)
+        proto = svc.factory.buildProtocol(None)
+        self.assertIs(proto.ctx, svc.settings.tls)
+        from cryptography import x509
+        with open(cert, "rb") as f:
+            self.assertEqual(svc.settings.tls.certificate, x509.load_pem_x509_certificate(f.read()))
+
+    def test_unusable_tls_files_are_one_sentence_config_errors(self):
+        """One of the pair, an unreadable file, a file that is not PEM, an encrypted key or a key of
+        another certificate -> ConfigError with one sentence naming the file(s)."""
+        from cryptography.hazmat.primitives import serialization
+        base = scratch_dir(self)
+        cert, key = write_self_signed(base)
+        other_cert, other_key = write_self_signed(base, prefix="other-")
+        missing = os.path.join(base, "missing.pem")
+        garbage = os.path.join(base, "garbage.pem")
+        with open(garbage, "w") as f:
+            f.write("not a PEM file\n")
+        encrypted = os.path.join(base, "encrypted.pem")
+        with open(key, "rb") as f:
+            private = serialization.load_pem_private_key(f.read(), password=None)
+        with open(encrypted, "wb") as f:
+            f.write(private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.BestAvailableEncryption(b"passphrase")))
+        cases = [
+            ((cert, ""), "submission.tls_cert and submission.tls_key must be set together, or neither."),
+            (("", key), "submission.tls_cert and submission.tls_key must be set together, or neither."),
+            ((missing, key), f"submission.tls_cert {missing} cannot be read (no such file or directory)."),
+            ((cert, base), f"submission.tls_key {base} cannot be read (is a directory)."),
+            ((garbage, key), f"submission.tls_cert {garbage} holds no valid PEM certificate."),
+            ((cert, garbage), f"submission.tls_key {garbage} holds no valid PEM private key."),
+            ((key, key), f"submission.tls_cert {key} holds no valid PEM certificate."),
+            ((cert, cert), f"submission.tls_key {cert} holds no valid PEM private key."),
+            ((cert, encrypted), f"submission.tls_key {encrypted} is encrypted; relayd needs an unencrypted "
+                                f"key (readable by relayd only)."),
+            ((cert, other_key), f"submission.tls_key {other_key} does not match the certificate in "
+                                f"submission.tls_cert {cert}."),
+        ]
+        for (cert_path, key_path), sentence in cases:
+            with self.assertRaises(ConfigError) as caught:
+                build_submission_service(self.tls_config(cert_path, key_path), None, reactor)
+            self.assertEqual(str(caught.exception), sentence)
+            with self.assertRaises(ConfigError) as caught:
+                submission.check_submission_config(self.tls_config(cert_path, key_path))
+            self.assertEqual(str(caught.exception), sentence)
+
+    def test_relayd_exits_64_on_a_key_that_does_not_match(self):
+        """relayd prints the mismatch sentence and exits 64, without creating the spool."""
+        from relay import daemon
+        base = scratch_dir(self)
+        cert, _ = write_self_signed(base)
+        _, other_key = write_self_signed(base, prefix="other-")
+        spool_path = os.path.join(base, "spool.db")
+        path = os.path.join(base, "relay.toml")
+        with open(path, "w") as f:
+            f.write(f'[spool]\nurl = "sqlite:///{spool_path}"\n[submission]\nlisten = "127.0.0.1:{free_port()}"\n'
+                    f'tls_cert = "{cert}"\ntls_key = "{other_key}"\n')
+        err = io.StringIO()
+        self.patch(sys, "stderr", err)
+        self.assertEqual(daemon.main(["--config", path]), 64)
+        self.assertEqual(err.getvalue().strip(), f"relayd: submission.tls_key {other_key} does not match the "
+                                                 f"certificate in submission.tls_cert {cert}.")
+        self.assertFalse(os.path.exists(spool_path))
 
     def test_relayd_exits_64_on_an_open_relay_config(self):
         """relayd prints the open-relay sentence and exits 64, without creating the spool."""

@@ -51,3 +51,24 @@ def test_cpu_affinity_is_a_list_of_cpu_numbers(tmp_path):
 def test_cpu_affinity_refuses_what_is_not_a_list_of_cpus(tmp_path, value, message):
     with pytest.raises(ConfigError, match=message):
         _load(tmp_path, f"[relay]\ncpu_affinity = {value}\n")
+
+
+def test_submission_tls_files_load_as_paths(tmp_path):
+    """submission.tls_cert / tls_key load as given (the files are read when the listener is built); default ""."""
+    assert (_load(tmp_path, "").submission_tls_cert, _load(tmp_path, "").submission_tls_key) == ("", "")
+    config = _load(tmp_path, '[submission]\ntls_cert = "/etc/relay/tls/cert.pem"\ntls_key = "/etc/relay/tls/key.pem"\n')
+    assert (config.submission_tls_cert, config.submission_tls_key) == ("/etc/relay/tls/cert.pem",
+                                                                       "/etc/relay/tls/key.pem")
+
+
+@pytest.mark.parametrize("text", ['tls_cert = "/etc/relay/tls/cert.pem"', 'tls_key = "/etc/relay/tls/key.pem"'])
+def test_submission_tls_needs_both_files_or_neither(tmp_path, text):
+    with pytest.raises(ConfigError) as caught:
+        _load(tmp_path, f"[submission]\n{text}\n")
+    assert str(caught.value) == "submission.tls_cert and submission.tls_key must be set together, or neither."
+
+
+def test_submission_tls_paths_must_be_strings(tmp_path):
+    with pytest.raises(ConfigError) as caught:
+        _load(tmp_path, '[submission]\ntls_cert = 1\ntls_key = "k.pem"\n')
+    assert str(caught.value) == "submission.tls_cert must be a string, not 1."
