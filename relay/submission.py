@@ -4,16 +4,27 @@ Twisted's ``smtp.ESMTP`` server with relay's own ``IMessageDelivery`` (one
 per connection, or one per login when ``submission.users`` is set) and one
 ``IMessage`` per SMTP transaction.  SPEC "Submission listener":
 
-* ESMTP with SIZE, 8BITMIME, PIPELINING and, when users are configured,
-  AUTH PLAIN/LOGIN through ``twisted.cred`` (required before MAIL from every
-  client, loopback included).  Without users only loopback clients are served
-  (others get 554 and are disconnected), and a non-loopback listen address
-  is refused at build time (:data:`OPEN_RELAY`).
+* ESMTP with SIZE, 8BITMIME, SMTPUTF8, PIPELINING and, when users are
+  configured, AUTH PLAIN/LOGIN through ``twisted.cred`` (required before MAIL
+  from every client, loopback included).  Without users only loopback
+  clients are served (others get 554 and are disconnected), and a
+  non-loopback listen address is refused at build time (:data:`OPEN_RELAY`).
 * Addresses are checked with :mod:`relay.message` rules and refused, never
   repaired: command syntax -> 501, an address the rules refuse -> 553.
   (Twisted's own ``smtp.Address`` is not used for that: it adds a default
   domain to ``<user>``, strips source routes and cannot parse address
   literals, so MAIL and RCPT are parsed here.)
+* SMTPUTF8 (RFC 6531), as Postfix's ``smtputf8_enable = yes``: ``MAIL FROM:
+  <addr> SMTPUTF8`` (no value: ``SMTPUTF8=x`` -> 501 5.5.4) makes the
+  transaction an SMTPUTF8 one, whose sender and recipients may be UTF-8
+  (the same :mod:`relay.message` rules as ``relayctl enqueue``; no IDNA or
+  other conversion, addresses are kept as sent).  Octets that are not UTF-8
+  -> 501 5.5.2.  Without the parameter a non-ASCII address -> 553 5.6.7
+  (RFC 6531 §3.4).  Content rules are the same with or without SMTPUTF8:
+  like ``relayctl enqueue``, UTF-8 in header fields (RFC 6532) is accepted
+  either way.  ``Received:`` says ``with UTF8SMTP`` / ``UTF8SMTPS`` /
+  ``UTF8SMTPA`` / ``UTF8SMTPSA`` for SMTPUTF8 transactions (RFC 6531 §3.7.3)
+  and is then written in UTF-8.
 * Oversize -> 552 (at MAIL with ``SIZE=``, or at the final dot after counting
   the data, which is discarded); content the rules refuse (a line over 998
   octets, bad headers...) -> 554 5.6.0 with the sentence.
@@ -128,7 +139,9 @@ def _reply(text: str) -> bytes:
     return re.sub(r"[\r\n]+", " ", text).encode("ascii", "backslashreplace")
 
 
-_NON_ASCII = b"5.6.7 Non-ASCII addresses need SMTPUTF8, which this server does not offer."
+_NON_ASCII = b"5.6.7 Non-ASCII address needs the SMTPUTF8 parameter on MAIL."
+_BAD_UTF8_SENDER = b"5.5.2 The sender address is not valid UTF-8."
+_BAD_UTF8_RECIPIENT = b"5.5.2 The recipient address is not valid UTF-8."
 _TLS_FIRST = b"5.7.0 Must issue a STARTTLS command first"
 
 #: Formatted replies, by (code, text): most replies are the same every time.
@@ -338,17 +351,20 @@ class SubmissionDelivery:
         if txn is None:
             return None
         proto = recipients[0].protocol if recipients else None
-        with_ = "ESMTPA" if proto is not None and proto.authenticated else (
-            "ESMTP" if proto is not None and proto.esmtp else "SMTP")
-        if proto is not None and proto.startedTLS and with_ != "SMTP":
-            with_ = with_.replace("ESMTP", "ESMTPS")       # RFC 3848: ESMTPS, ESMTPSA
+        utf8 = proto is not None and proto.smtputf8
+        if proto is not None and (utf8 or proto.esmtp or proto.authenticated):
+            # RFC 3848 (ESMTPS, ESMTPA, ESMTPSA), RFC 6531 §3.7.3 (UTF8SMTP, ...S, ...A, ...SA)
+            with_ = (("UTF8SMTP" if utf8 else "ESMTP") + ("S" if proto.startedTLS else "")
+                     + ("A" if proto.authenticated else ""))
+        else:
+            with_ = "SMTP"
         helo_arg = (helo[0] or b"").decode("ascii", "replace")
         helo_arg = _HELO_UNSAFE.sub("?", helo_arg)[:255] or "unknown"
         ip = helo[1].decode("ascii", "replace") if isinstance(helo[1], bytes) else str(helo[1])
         for_ = f"\r\n\tfor <{txn.recipients[0]}>" if len(txn.recipients) == 1 else ""
         txn.received = (f"Received: from {helo_arg} ([{ip}])\r\n"
                         f"\tby {self.settings.hostname} (relay) with {with_}{for_};\r\n"
-                        f"\t{_date_now()}\r\n").encode("ascii", "replace")
+                        f"\t{_date_now()}\r\n").encode("utf-8" if utf8 else "ascii", "replace")
         return None
 
 
@@ -472,6 +488,8 @@ class SubmissionProtocol(smtp.ESMTP):
         self._loopback = False
         #: Set by STARTTLS: the rest of the read it came in is plaintext to drop.
         self._drop_lines = False
+        #: The current transaction's MAIL had the SMTPUTF8 parameter (RFC 6531).
+        self.smtputf8 = False
         self._commit: defer.Deferred | None = None
         self._closed_waiters: list[defer.Deferred] = []
 
@@ -527,7 +545,7 @@ class SubmissionProtocol(smtp.ESMTP):
         return self.host + b" ESMTP relay"
 
     def extensions(self):
-        ext = {b"PIPELINING": None, b"8BITMIME": None,
+        ext = {b"PIPELINING": None, b"8BITMIME": None, b"SMTPUTF8": None,
                b"SIZE": [str(self.settings.max_size).encode()]}
         ext.update(smtp.ESMTP.extensions(self))   # AUTH (empty list: not shown), STARTTLS until started
         if self.needs_tls_first:
@@ -679,10 +697,12 @@ class SubmissionProtocol(smtp.ESMTP):
         if self._from is not None:
             self.sendCode(503, b"5.5.1 Sender already given; send RSET first.")
             return
-        parts = self._command_parts(rest, _MAIL_RE, b"MAIL FROM:<address> [SIZE=n] [BODY=7BIT|8BITMIME]")
+        parts = self._command_parts(rest, _MAIL_RE,
+                                    b"MAIL FROM:<address> [SIZE=n] [BODY=7BIT|8BITMIME] [SMTPUTF8]")
         if parts is None:
             return
         params, text = parts
+        utf8 = False
         for key, value in params:
             if key == "SIZE":
                 if value is None or not value.isdigit() or len(value) > 20:
@@ -697,20 +717,27 @@ class SubmissionProtocol(smtp.ESMTP):
                 if (value or "").upper() not in ("7BIT", "8BITMIME"):
                     self.sendCode(501, b"5.5.4 BODY must be 7BIT or 8BITMIME.")
                     return
+            elif key == "SMTPUTF8":
+                if value is not None:
+                    self.sendCode(501, b"5.5.4 SMTPUTF8 takes no value.")
+                    return
+                utf8 = True
             elif key == "AUTH":    # RFC 4954 §5: accepted, not used
                 continue
             else:
                 self.sendCode(555, _reply(f"5.5.4 The MAIL parameter {key} is not supported."))
                 return
         if text is None:
-            self.sendCode(553, _NON_ASCII)
-            return
+            text = self._utf8_path(rest, _MAIL_RE, utf8, _BAD_UTF8_SENDER)
+            if text is None:
+                return
         try:
             sender = validate_sender(text)
         except BadMessage as e:
             self.sendCode(553, _reply(f"5.1.7 {e}"))
             return
         self._to = []
+        self.smtputf8 = utf8
         self._answer(self._validate_from, (Path(sender),), self._cbFromValidate, self._ebFromValidate,
                      (250, b"2.1.0 Sender ok"))
 
@@ -726,8 +753,9 @@ class SubmissionProtocol(smtp.ESMTP):
             self.sendCode(555, _reply(f"5.5.4 The RCPT parameter {params[0][0]} is not supported."))
             return
         if text is None:
-            self.sendCode(553, _NON_ASCII)
-            return
+            text = self._utf8_path(rest, _RCPT_RE, self.smtputf8, _BAD_UTF8_RECIPIENT)
+            if text is None:
+                return
         try:
             address = validate_address(text, what="recipient address")
         except BadMessage as e:
@@ -774,6 +802,18 @@ class SubmissionProtocol(smtp.ESMTP):
             self.sendCode(501, _reply(f"5.5.4 {e}"))
             return None
         return params, _ascii_path(m.group("path"))
+
+    def _utf8_path(self, rest: bytes, pattern, utf8: bool, bad_utf8: bytes) -> str | None:
+        """The non-ASCII path of MAIL or RCPT as text, when the transaction is
+        SMTPUTF8 and it is UTF-8 -- or None after a 553 5.6.7 or a 501."""
+        if not utf8:
+            self.sendCode(553, _NON_ASCII)
+            return None
+        try:
+            return pattern.match(rest).group("path").decode("utf-8")
+        except UnicodeDecodeError:
+            self.sendCode(501, bad_utf8)
+            return None
 
     def do_RSET(self, rest):
         self._from = None
@@ -859,6 +899,7 @@ class SubmissionProtocol(smtp.ESMTP):
         self.esmtp = False
         self._from = None
         self._to = []
+        self.smtputf8 = False
         if self._onLogout is not None:
             logout, self._onLogout = self._onLogout, None
             logout()

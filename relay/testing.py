@@ -17,7 +17,9 @@ anything else      ``250``
 =================  ==========================================================
 
 It records every accepted message and counts connections (total and peak
-concurrent), which the grouping and connection-reuse tests assert on.
+concurrent), which the grouping and connection-reuse tests assert on.  It
+offers SMTPUTF8 (RFC 6531) as aiosmtpd's Controller does by default; with
+``smtputf8=False`` it does not.
 """
 
 from __future__ import annotations
@@ -146,7 +148,7 @@ class SMTPPeer:
     """A scripted SMTP server on ``host:port`` (loopback only) for tests."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, slow_seconds: float = 5.0,
-                 data_size_limit: int | None = None, pipelining: bool = False):
+                 data_size_limit: int | None = None, pipelining: bool = False, smtputf8: bool = True):
         if not (host.startswith("127.") or host == "::1"):
             raise ValueError("test peers listen on loopback addresses only")
         self.host = host
@@ -155,6 +157,7 @@ class SMTPPeer:
         kwargs = {}
         if data_size_limit is not None:
             kwargs["data_size_limit"] = data_size_limit
+        kwargs["enable_SMTPUTF8"] = smtputf8     # aiosmtpd's Controller offers it unless told otherwise
         self.controller = _PeerController(ScriptedHandler(self.log, slow_seconds, pipelining), self.log,
                                           hostname=host, port=self.port, ready_timeout=10, **kwargs)
 

@@ -40,6 +40,10 @@ from relay.testing import SMTPPeer, free_port, scratch_pg_url, wait_until
 MESSAGE = (b"From: app@sender.test\r\nTo: rcpt@dest.test\r\nSubject: hello\r\n"
            b"Message-ID: <1@sender.test>\r\n\r\nHello.\r\n.leading dot\r\n..two dots\r\n")
 QUEUED = re.compile(rb"^2\.0\.0 Ok: queued as (\S+)$")
+UTF8_SENDER = "jörg@例え.test"
+UTF8_RCPT = "ünïcode@例え.test"
+UTF8_MESSAGE = (f"From: Jörg <{UTF8_SENDER}>\r\nTo: {UTF8_RCPT}\r\nSubject: Grüße\r\n"
+                f"Message-ID: <2@sender.test>\r\n\r\nHallo, Welt.\r\n").encode()
 
 
 def scratch_dir(test) -> str:
@@ -235,6 +239,82 @@ class SubmissionScenarios:
         self.assertEqual((got.sender, got.recipients), ("app@sender.test", ["rcpt@dest.test"]))
         self.assertEqual(got.data, info.data)
         yield wait_until(lambda: spool.show(qid).recipients[0].state == State.DELIVERED)
+
+    # -- SMTPUTF8 (RFC 6531) ---------------------------------------------
+
+    def start_relayd(self, peer: SMTPPeer):
+        """relayd (listener and drain) routing every domain to ``peer``; returns its top service."""
+        config = self.config(poll_interval=60.0, nameservers=(f"127.0.0.1:{free_port()}",),
+                             routes={"*": Route(host="127.0.0.1", port=peer.port, tls="none")})
+        top = build_service(config, reactor)
+        top.startService()
+        self.addCleanup(top.stopService)
+        return top
+
+    def send_smtputf8(self, sender: str, recipients: list[str], data: bytes):
+        """smtplib's mail(sender, ["SMTPUTF8"]) (what sendmail(..., mail_options=["SMTPUTF8"]) sends; smtplib
+        refuses it unless EHLO offered SMTPUTF8), rcpt, data: (EHLO features, RCPT replies, the reply to the dot)."""
+        s = self.smtp()
+        try:
+            features = dict(s.esmtp_features)
+            s.mail(sender, ["SMTPUTF8"])
+            refused = {r: s.rcpt(r) for r in recipients}
+            return features, refused, s.data(data)
+        finally:
+            s.quit()
+
+    @defer.inlineCallbacks
+    def test_smtputf8_submission_queued_and_delivered_intact(self):
+        """EHLO offers SMTPUTF8; MAIL FROM:<jörg@例え.test> SMTPUTF8 with a UTF-8 recipient and UTF-8 headers is
+        queued with the addresses as sent (no IDNA conversion), and a peer offering SMTPUTF8 gets them intact."""
+        peer = SMTPPeer("127.0.0.1").start()          # offers SMTPUTF8
+        self.addCleanup(peer.stop)
+        top = self.start_relayd(peer)
+        yield wait_until(lambda: top.getServiceNamed("submission").running)
+        features, rcpts, (code, text) = yield threads.deferToThread(
+            self.send_smtputf8, UTF8_SENDER, [UTF8_RCPT], UTF8_MESSAGE)
+        self.assertIn("smtputf8", features)
+        self.assertIn("8bitmime", features)
+        self.assertEqual(rcpts, {UTF8_RCPT: (250, b"2.1.5 Recipient ok")})
+        self.assertEqual(code, 250, text)
+        qid = QUEUED.match(text).group(1).decode()
+        spool = top.drain.spool.spool
+        info = spool.show(qid, include_data=True)
+        self.assertEqual(info.sender, UTF8_SENDER)
+        self.assertEqual([r.address for r in info.recipients], [UTF8_RCPT])
+        self.assertEqual(info.subject, "Grüße")
+        self.assertIn(f"\tby relay.test (relay) with UTF8SMTP\r\n\tfor <{UTF8_RCPT}>;".encode(), info.data)
+        self.assertTrue(info.data.endswith(UTF8_MESSAGE), info.data)
+        yield wait_until(lambda: spool.show(qid).recipients[0].state == State.DELIVERED)
+        [got] = peer.log.messages
+        self.assertEqual((got.sender, got.recipients), (UTF8_SENDER, [UTF8_RCPT]))
+        self.assertIn("SMTPUTF8", got.mail_options)
+        self.assertEqual(got.data, info.data)
+
+    @defer.inlineCallbacks
+    def test_smtputf8_recipient_bounces_5_6_7_at_a_peer_without_smtputf8(self):
+        """Submitted with SMTPUTF8, routed to a peer that does not offer it: the ASCII recipient is delivered,
+        the UTF-8 one bounces with 553 5.6.7 and the sender gets a DSN saying so."""
+        peer = SMTPPeer("127.0.0.1", smtputf8=False).start()
+        self.addCleanup(peer.stop)
+        top = self.start_relayd(peer)
+        yield wait_until(lambda: top.getServiceNamed("submission").running)
+        _, rcpts, (code, text) = yield threads.deferToThread(
+            self.send_smtputf8, "app@sender.test", [UTF8_RCPT, "rcpt@dest.test"], UTF8_MESSAGE)
+        self.assertEqual([c for c, _ in rcpts.values()], [250, 250])
+        self.assertEqual(code, 250, text)
+        qid = QUEUED.match(text).group(1).decode()
+        spool = top.drain.spool.spool
+        yield wait_until(lambda: any(m.sender in ("", "<>") for m in peer.log.messages), timeout=15)
+        states = {r.address: (r.state, r.history[-1].code) for r in spool.show(qid).recipients}
+        self.assertEqual(states, {UTF8_RCPT: (State.BOUNCED, 553), "rcpt@dest.test": (State.DELIVERED, 250)})
+        delivered = [m for m in peer.log.messages if m.sender == "app@sender.test"]
+        self.assertEqual([m.recipients for m in delivered], [["rcpt@dest.test"]])
+        [bounce] = [m for m in peer.log.messages if m.sender in ("", "<>")]
+        self.assertEqual(bounce.recipients, ["app@sender.test"])
+        self.assertIn(b"Status: 5.6.7", bounce.data)
+        self.assertIn(b"Final-Recipient: utf-8; \\x{FC}n\\x{EF}code@\\x{4F8B}\\x{3048}.test", bounce.data)
+        self.assertIn(b"does not offer SMTPUTF8", bounce.data)
 
     # -- AUTH ------------------------------------------------------------
 
