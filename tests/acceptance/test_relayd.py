@@ -323,10 +323,14 @@ def test_two_nodes_share_one_spool_without_duplicates(spool_url, tmp_path, procs
                for name in ("node-a", "node-b")]
     mbox = write_mbox(tmp_path / "shared.mbox",
                       (message_bytes(n, f"user{n}@shared{n % 5}.test", "shared") for n in range(total)))
+    daemons = [procs.relayd(config, name) for config, name in zip(configs, ("relayd-a", "relayd-b"))]
+    # Both nodes are up (and, on PostgreSQL, listening) before the mail is queued: queued first,
+    # the node that started first could claim and deliver all 600 before the other one started.
+    ready = "listening for new mail on PostgreSQL" if spool_url.startswith("postgresql") else "relayd starting"
+    for daemon in daemons:
+        daemon.wait_for_output(re.escape(ready), 30)
     queued = relayctl("--config", str(configs[0]), "enqueue", "--mbox", str(mbox))
     assert queued.returncode == 0, queued.stderr.decode()
-
-    daemons = [procs.relayd(config, name) for config, name in zip(configs, ("relayd-a", "relayd-b"))]
     spool = reader()
     wait_until(lambda: spool.counts()["delivered"] == total, 60, "both nodes to deliver everything")
     for daemon in daemons:
