@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from relay import __version__
 from relay.errors import RelayError
@@ -29,8 +30,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _start_logging():
-    import time
-
     from twisted.logger import FilteringLogObserver, LogLevel, LogLevelFilterPredicate, globalLogBeginner
     from twisted.logger import formatEventAsClassicLogText
 
@@ -44,17 +43,7 @@ def _start_logging():
         return stamp[1]
 
     def to_stderr(event):
-        line = event.get("line")
-        if (event.get("log_format") == "{line}" and type(line) is str and line
-                and "log_failure" not in event and "log_system" not in event
-                and event.get("log_time") is not None and event.get("log_level") is not None):
-            # The one-line-per-attempt events (``log.info("{line}", line=...)``):
-            # the same text as formatEventAsClassicLogText without parsing the format.
-            text = (f"{format_time(event['log_time'])} "
-                    f"[{event.get('log_namespace', '-')}#{event['log_level'].name}] "
-                    f"{line.replace(chr(10), chr(10) + chr(9))}\n")
-        else:
-            text = formatEventAsClassicLogText(event, formatTime=format_time)
+        text = formatEventAsClassicLogText(event, formatTime=format_time)
         if text:
             sys.stderr.write(text)
             sys.stderr.flush()
@@ -79,7 +68,6 @@ class AttemptLines:
         self._flush_call = None
 
     def __call__(self, line: str) -> None:
-        import time
         self._lines.append(f"{self.format_time(time.time())} [relay#info] {line.replace(chr(10), chr(10) + chr(9))}\n")
         if self._flush_call is None:
             self._flush_call = self.reactor.callLater(0, self.flush)

@@ -160,8 +160,6 @@ _log = Logger(namespace="relay.smtpclient")
 #: ``transport.write``; larger ones are streamed in 16 KiB chunks.
 SINGLE_WRITE_MAX = 64 * 1024
 
-#: Accepted values of ``open_session(tls=...)``.
-
 _SUCCESS = smtp.SUCCESS  # dict of 200..299
 
 

@@ -90,6 +90,19 @@ def new_queue_id(now: float | None = None) -> str:
     return f"{ms & 0xFFFFFFFFFFF:011X}{n & 0xFFFFFFFFF:09X}"
 
 
+def _message_row(qid: str, msg: NewMessage, now: float) -> tuple:
+    """``msg`` as a row of the messages table, in ``_MESSAGE_COLUMNS`` order."""
+    return (qid, msg.sender, msg.size, bool(msg.eight_bit), now, msg.subject, msg.message_id,
+            msg.idempotency_key, bytes(msg.data))
+
+
+def _recipient_rows(qid: str, msg: NewMessage, now: float, state: str, due: float,
+                    owner: str | None, expires: float | None) -> list[tuple]:
+    """``msg``'s recipients as rows of the recipients table, in ``_RECIPIENT_COLUMNS`` order."""
+    return [(qid, pos, address, domain_of(address), state, 0, now, due, now, owner, expires)
+            for pos, address in enumerate(msg.recipients)]
+
+
 def _claimed_messages(new: Sequence[tuple[str, NewMessage]], rids: dict[tuple[str, int], int],
                       now: float) -> list[ClaimedMessage]:
     """Messages just queued (queue id, message) as claimed ones, given their
@@ -141,20 +154,29 @@ class SQLSpool:
     # -- plumbing -------------------------------------------------------
 
     @contextmanager
-    def _write(self) -> Iterator[Connection]:
-        """A write transaction (``BEGIN IMMEDIATE`` on SQLite), errors mapped."""
+    def _writer_turn(self) -> Iterator[None]:
+        """SQLite: this process's writers one at a time (see ``_write_lock``);
+        SpoolUnavailable after ``busy_timeout``.  PostgreSQL: nothing."""
         lock = self._write_lock
-        if lock is not None and not lock.acquire(timeout=self._busy_timeout):
+        if lock is None:
+            yield
+            return
+        if not lock.acquire(timeout=self._busy_timeout):
             raise SpoolUnavailable(f"The spool {redact_url(self.url)} is locked by another process; try again.")
         try:
+            yield
+        finally:
+            lock.release()
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        """A write transaction (``BEGIN IMMEDIATE`` on SQLite), errors mapped."""
+        with self._writer_turn():
             with spool_errors(self.url):
                 with self.engine.connect() as conn:
                     conn = conn.execution_options(**write_options(self.dialect))
                     with conn.begin():
                         yield conn
-        finally:
-            if lock is not None:
-                lock.release()
 
     @contextmanager
     def _read(self) -> Iterator[Connection]:
@@ -233,11 +255,8 @@ class SQLSpool:
                 known[key] = qid
             ids[n] = qid
             new.append((qid, msg))
-            message_rows.append((qid, msg.sender, msg.size, bool(msg.eight_bit), now, msg.subject,
-                                 msg.message_id, key, bytes(msg.data)))
-            for pos, address in enumerate(msg.recipients):
-                recipient_rows.append((qid, pos, address, domain_of(address), state, 0, now, due, now,
-                                       owner, expires))
+            message_rows.append(_message_row(qid, msg, now))
+            recipient_rows.extend(_recipient_rows(qid, msg, now, state, due, owner, expires))
         claimed: list[ClaimedMessage] = []
         if message_rows:
             conn.exec_driver_sql(self._insert_messages, message_rows)
@@ -640,19 +659,15 @@ class _DirectWriter:
     def enqueue_claimed(self, messages: Sequence[NewMessage], now: float, node: str,
                         expires: float) -> tuple[list[str], list[ClaimedMessage]]:
         spool = self.spool
-        new = [(new_queue_id(now), m) for m in messages]
-        message_rows = [(qid, m.sender, m.size, bool(m.eight_bit), now, m.subject, m.message_id, None,
-                         bytes(m.data)) for qid, m in new]
-        inflight = State.INFLIGHT.value
-        recipient_rows = [(qid, pos, address, domain_of(address), inflight, 0, now, expires, now, node, expires)
-                          for qid, m in new for pos, address in enumerate(m.recipients)]
-        if not new:
+        if not messages:
             return [], []
+        new = [(new_queue_id(now), m) for m in messages]
+        message_rows = [_message_row(qid, m, now) for qid, m in new]
+        inflight = State.INFLIGHT.value
+        recipient_rows = [row for qid, m in new
+                          for row in _recipient_rows(qid, m, now, inflight, expires, node, expires)]
         dbapi_error = spool.engine.dialect.loaded_dbapi.Error
-        lock = spool._write_lock
-        if lock is not None and not lock.acquire(timeout=spool._busy_timeout):
-            raise SpoolUnavailable(f"The spool {redact_url(spool.url)} is locked by another process; try again.")
-        try:
+        with spool._writer_turn():
             with self._lock:
                 try:
                     raw = self._connection()
@@ -664,9 +679,6 @@ class _DirectWriter:
                 except dbapi_error as e:
                     self._drop()
                     raise SpoolUnavailable(_sentence(spool.url, e)) from e
-        finally:
-            if lock is not None:
-                lock.release()
         rids = {(mid, pos): rid for rid, mid, pos in rows}
         return [qid for qid, _ in new], _claimed_messages(new, rids, now)
 

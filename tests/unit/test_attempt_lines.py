@@ -26,3 +26,19 @@ def test_lines_are_written_once_per_turn_in_the_log_format():
     assert writes[-1].endswith("[relay#info] qid=C\n") and len(writes) == 2
     clock.advance(0)
     assert len(writes) == 2
+
+
+def test_lines_match_the_twisted_logger_format():
+    """The same text as relayd's twisted.logger observer writes for log.info("{line}", line=...)
+    from the "relay" namespace (the path the drain takes without AttemptLines)."""
+    from twisted.logger import LogLevel, formatEventAsClassicLogText
+
+    stamp = "2026-11-21T12:00:00"
+    line = "qid=B to=<b@x.test> status=deferred\nsecond line"
+    event = {"log_format": "{line}", "line": line, "log_namespace": "relay", "log_level": LogLevel.info,
+             "log_time": 1.0}
+    clock, stream = task.Clock(), io.StringIO()
+    lines = AttemptLines(clock, format_time=lambda t: stamp, stream=stream)
+    lines(line)
+    lines.flush()
+    assert stream.getvalue() == formatEventAsClassicLogText(event, formatTime=lambda t: stamp)
