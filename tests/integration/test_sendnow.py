@@ -4,6 +4,8 @@ transport that is not plain TCP)."""
 
 from __future__ import annotations
 
+import socket
+
 from twisted.internet import defer, protocol, reactor, tcp
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
@@ -26,11 +28,16 @@ class Collect(protocol.Protocol):
 class Writer(protocol.Protocol):
     """Writes its script on connect; records whether write_now left the bytes to the reactor."""
 
-    def __init__(self, script):
+    def __init__(self, script, sndbuf: int | None = None):
         self.script = script
+        self.sndbuf = sndbuf
         self.buffered_after: list[int] = []
 
     def connectionMade(self):
+        if self.sndbuf:
+            # A small send buffer, so that the kernel refuses part of a big
+            # write on any machine (not only where the defaults are small).
+            self.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.sndbuf)
         for how, data in self.script:
             if how == "now":
                 write_now(self.transport, data)
@@ -42,16 +49,15 @@ class Writer(protocol.Protocol):
 class WriteNowTests(unittest.TestCase):
 
     @defer.inlineCallbacks
-    def _exchange(self, script):
+    def _exchange(self, script, sndbuf: int | None = None):
         expected = sum(len(d) for _, d in script)
         receiver = Collect(expected)
-        writer = Writer(script)
+        writer = Writer(script, sndbuf)
         server = protocol.ServerFactory.forProtocol(lambda: writer)
         port = reactor.listenTCP(0, server, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
-        connected = defer.Deferred()
         factory = protocol.ClientFactory.forProtocol(lambda: receiver)
-        factory.clientConnectionFailed = lambda c, reason: connected.errback(reason)
+        factory.clientConnectionFailed = lambda c, reason: receiver.done.errback(reason)
         connector = reactor.connectTCP("127.0.0.1", port.getHost().port, factory)
         self.addCleanup(connector.disconnect)
         data = yield receiver.done
@@ -89,10 +95,12 @@ class WriteNowTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_order_is_kept_behind_buffered_data(self):
-        big = b"x" * (4 * 1024 * 1024)     # more than the socket takes at once
-        writer, data = yield self._exchange([("now", big), ("now", b"after\r\n"), ("write", b"last\r\n")])
+        big = b"x" * (4 * 1024 * 1024)     # far more than a 64 KiB send buffer takes at once
+        writer, data = yield self._exchange([("now", big), ("now", b"after\r\n"), ("write", b"last\r\n")],
+                                            sndbuf=64 * 1024)
         self.assertEqual(len(data), len(big) + 13)
         self.assertTrue(data.endswith(b"after\r\nlast\r\n"))
+        self.assertGreater(writer.buffered_after[0], 0)     # the kernel took only part of ``big``
         self.assertGreater(writer.buffered_after[1], 0)     # queued behind the rest of ``big``
 
     def test_other_transports_get_an_ordinary_write(self):

@@ -31,7 +31,7 @@ class LineByLine(SubmissionProtocol):
 
 def session(proto_class, chunks, max_size=10_000):
     spool = FakeSpool()
-    settings = _Settings(hostname=b"relay.test", max_size=max_size,
+    settings = _Settings(hostname="relay.test", max_size=max_size,
                          committer=GroupCommitter(spool, task.Clock()), requires_auth=False)
     factory = SubmissionFactory(settings, None)
     proto = factory.buildProtocol(None)
@@ -44,7 +44,7 @@ def session(proto_class, chunks, max_size=10_000):
     replies = [line.split(b" ", 1)[0][:3] for line in transport.value().split(b"\r\n") if line[3:4] == b" "]
     # the Received: field has the time in it: compare what follows it
     data = [m.data[m.data.index(b"\r\n", m.data.index(b";\r\n\t") + 4) + 2:] for m in spool.messages]
-    return replies, data
+    return replies, data, spool, transport
 
 
 ENVELOPE = b"EHLO c.test\r\nMAIL FROM:<a@s.test>\r\nRCPT TO:<b@r.test>\r\nDATA\r\n"
@@ -67,8 +67,8 @@ def test_bulk_path_stores_what_the_line_path_stores(name, size):
     wire = ENVELOPE + BODIES[name] + b".\r\nMAIL FROM:<a@s.test>\r\nRCPT TO:<c@r.test>\r\nDATA\r\n" \
         + b"Subject: second\r\n\r\nsecond\r\n.\r\nQUIT\r\n"
     max_size = 60 if name == "too big" else 10_000
-    want = session(LineByLine, [wire], max_size)
-    got = session(SubmissionProtocol, cut(wire, size), max_size)
+    want = session(LineByLine, [wire], max_size)[:2]
+    got = session(SubmissionProtocol, cut(wire, size), max_size)[:2]
     assert got == want
     assert want[0][-1] == b"221"
     if name == "too big":
@@ -79,5 +79,13 @@ def test_a_line_over_the_limit_still_closes():
     """A data line longer than MAX_LENGTH gets 500 and the connection is closed, as before."""
     wire = ENVELOPE + b"Subject: x\r\n\r\n" + b"z" * (SubmissionProtocol.MAX_LENGTH + 10) + b"\r\n.\r\n"
     for proto_class in (LineByLine, SubmissionProtocol):
-        replies, data = session(proto_class, [wire])
+        replies, data, _, transport = session(proto_class, [wire])
         assert replies[-1] == b"500" and data == []
+        assert transport.disconnecting
+
+
+def test_the_received_field_names_this_relay_and_the_client():
+    replies, _, spool, _ = session(SubmissionProtocol, [ENVELOPE + BODIES["headers"] + b".\r\nQUIT\r\n"])
+    assert replies[-2:] == [b"250", b"221"]
+    assert spool.messages[0].data.startswith(
+        b"Received: from c.test ([127.0.0.1])\r\n\tby relay.test (relay) with ESMTP\r\n\tfor <b@r.test>;\r\n\t")

@@ -17,7 +17,7 @@ class NoSpool:
 
 def replies(*commands: bytes) -> list[bytes]:
     """The reply lines (code and enhanced status) to EHLO then ``commands``."""
-    settings = _Settings(hostname=b"relay.test", max_size=1000,
+    settings = _Settings(hostname="relay.test", max_size=1000,
                          committer=GroupCommitter(NoSpool(), task.Clock()), requires_auth=False)
     proto = SubmissionFactory(settings, None).buildProtocol(None)
     proto.callLater = task.Clock().callLater

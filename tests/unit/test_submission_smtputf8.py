@@ -8,17 +8,10 @@ from __future__ import annotations
 import base64
 
 import pytest
-from twisted.cred.portal import Portal
-from twisted.internet import defer, task
-from twisted.internet.address import IPv4Address
-from twisted.internet.interfaces import ITLSTransport
-from twisted.internet.testing import StringTransport
-from zope.interface import implementer
 
 from relay.message import parse_message
-from relay.submission import GroupCommitter, SubmissionFactory, SubmissionRealm, UsersChecker, _Settings
+from tests.unit.submission_fakes import Session, code
 
-LOOPBACK = IPv4Address("TCP", "127.0.0.1", 4321)
 PLAIN_OK = b"AUTH PLAIN " + base64.b64encode(b"\0alice\0s3cret")
 SENDER = "jörg@例え.test"
 RCPT = "ünïcode@例え.test"
@@ -26,59 +19,9 @@ NEEDS_PARAMETER = b"553 5.6.7 Non-ASCII address needs the SMTPUTF8 parameter on 
 UTF8_MESSAGE = (f"From: Jörg <{SENDER}>\r\nTo: {RCPT}\r\nSubject: Grüße\r\n\r\nHallo, Welt.\r\n").encode()
 
 
-@implementer(ITLSTransport)
-class TLSStringTransport(StringTransport):
-    """A StringTransport that can "start TLS" (nothing is encrypted)."""
-
-    def startTLS(self, contextFactory, normal=True):
-        pass
-
-
-class Spool:
-    def __init__(self):
-        self.messages = []
-
-    def enqueue(self, messages, now):
-        self.messages.extend(messages)
-        return defer.succeed([f"Q{len(self.messages) - len(messages) + i}" for i in range(len(messages))])
-
-
-class Session:
-    """One loopback listener session over a fake transport (optionally with TLS configured and users)."""
-
-    def __init__(self, *, tls: bool = False, users: bool = False):
-        self.spool = Spool()
-        settings = _Settings(hostname="relay.test", max_size=10_000,
-                             committer=GroupCommitter(self.spool, task.Clock()), requires_auth=users,
-                             tls=object() if tls else None)
-        portal = Portal(SubmissionRealm(settings), [UsersChecker({"alice": "s3cret"})]) if users else None
-        self.proto = SubmissionFactory(settings, portal).buildProtocol(LOOPBACK)
-        self.proto.callLater = task.Clock().callLater   # the idle timeout must not land on the global reactor
-        self.transport = TLSStringTransport(peerAddress=LOOPBACK)
-        self.proto.makeConnection(self.transport)
-        self.seen = len(self.transport.value())
-
-    def send(self, data: bytes) -> list[bytes]:
-        """Feed ``data``; the last line of each complete reply written meanwhile."""
-        self.proto.dataReceived(data)
-        out = self.transport.value()[self.seen:]
-        self.seen = len(self.transport.value())
-        return [line for line in out.split(b"\r\n") if line[3:4] == b" "]
-
-    def cmd(self, line: bytes) -> list[bytes]:
-        return self.send(line + b"\r\n")
-
-
-def code(replies: list[bytes]) -> list[bytes]:
-    return [b" ".join(r.split(b" ")[:2]) for r in replies]
-
-
 def test_ehlo_lists_smtputf8_with_8bitmime():
-    """EHLO offers SMTPUTF8 (and 8BITMIME, which RFC 6531 requires with it); HELO offers nothing."""
-    s = Session()
-    s.proto.dataReceived(b"EHLO client.test\r\n")
-    keywords = [line[4:].split(b" ")[0] for line in s.transport.value().split(b"\r\n")[2:] if line]
-    assert b"SMTPUTF8" in keywords and b"8BITMIME" in keywords
+    """EHLO offers SMTPUTF8 (and 8BITMIME, which RFC 6531 requires with it)."""
+    assert {b"SMTPUTF8", b"8BITMIME"} <= Session().ehlo()
 
 
 @pytest.mark.parametrize("commands, refused", [
