@@ -31,10 +31,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench_delivery import PG_SERVER_URL, run_on_fresh_spool  # noqa: E402
+
 from relay.model import NewMessage  # noqa: E402
 from relay.spool import open_spool  # noqa: E402
 
-PG_SERVER_URL = "postgresql+psycopg://postgres@127.0.0.1/test"
+LEASE = 300.0
 MESSAGE = NewMessage(sender="sender@example.test", recipients=("rcpt@example.test",),
                      data=b"Subject: probe\r\n\r\n" + (b"x" * 78 + b"\r\n") * 12)
 
@@ -53,7 +55,7 @@ def probe(spool, samples: int, pause: float, busy: bool) -> tuple[float, float]:
         if pause:
             (spin if busy else time.sleep)(pause)
         t0, c0 = time.perf_counter(), time.thread_time()
-        spool.enqueue_claimed([MESSAGE], time.time(), "probe", time.time() + 300)
+        spool.enqueue_claimed([MESSAGE], time.time(), "probe", LEASE)
         wall.append(time.perf_counter() - t0)
         cpu.append(time.thread_time() - c0)
     return statistics.median(wall), statistics.median(cpu)
@@ -84,16 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     pauses = args.pause or [0.0, 0.05, 0.5]
     if 0.0 not in pauses:
         pauses.insert(0, 0.0)
-    if args.pg:
-        from relay.testing import create_pg_schema, drop_pg_schema
-        schema, url = create_pg_schema(PG_SERVER_URL)
-        try:
-            lines = run(url, args.samples, pauses)
-        finally:
-            drop_pg_schema(schema, PG_SERVER_URL)
-    else:
-        with tempfile.TemporaryDirectory(prefix="relay-bench-commit-") as tmp:
-            lines = run(f"sqlite:///{tmp}/spool.db", args.samples, pauses)
+    with tempfile.TemporaryDirectory(prefix="relay-bench-commit-") as tmp:
+        lines = run_on_fresh_spool(lambda _args, _dir, url, _cmd: run(url, args.samples, pauses),
+                                   args, Path(tmp), "")
     print(f"enqueue_claimed of one message ({len(MESSAGE.data)} B), median of {args.samples}, "
           f"{'postgresql' if args.pg else 'sqlite'}:")
     print("\n".join(lines))

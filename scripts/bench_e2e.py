@@ -94,7 +94,6 @@ class ArrivalReceiver:
         self.sock.listen(64)
         self.port = self.sock.getsockname()[1]
         self.arrivals: dict[str, float] = {}
-        self.connections = 0
         self.cond = threading.Condition()
         self._stopped = False
         threading.Thread(target=self._accept, name="arrival-accept", daemon=True).start()
@@ -105,7 +104,6 @@ class ArrivalReceiver:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
-            self.connections += 1
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
@@ -214,8 +212,10 @@ def measure_latency(port: int, receiver: ArrivalReceiver, samples: int, warmup: 
         with smtplib.SMTP("127.0.0.1", port, local_hostname="client.bench.example", timeout=10) as client:
             t_greeted = time.monotonic()
             client.ehlo()
-            client.mail(SENDER)
-            client.rcpt(f"{token}@{LATENCY_DOMAIN}")
+            for step, (code, text) in (("MAIL", client.mail(SENDER)),
+                                       ("RCPT", client.rcpt(f"{token}@{LATENCY_DOMAIN}"))):
+                if code != 250:
+                    raise SystemExit(f"latency: message {n} got {code} {text!r} to {step}")
             t_data = time.monotonic()
             code, _ = client.data(data)
             t_ok = time.monotonic()
@@ -436,11 +436,11 @@ def interpreter_version(python: str) -> str:
     """``python``'s path, version, and whether the interpreter runs from a
     shared libpython (position-independent code, slower) or is linked
     statically; see README "Performance" on interpreter builds."""
-    probe = ("import platform, sys; "
+    probe = ("import os, platform, sys; "
              "maps = open('/proc/self/maps').read(); "
-             "print(sys.executable, platform.python_version(), "
+             "print(sys.executable, '(' + os.path.realpath(sys._base_executable) + ')', platform.python_version(), "
              "'libpython shared' if 'libpython' in maps else 'libpython static')")
-    out = subprocess.run([python, "-c", probe], capture_output=True, text=True, check=True)
+    out = subprocess.run([python, "-c", probe], capture_output=True, text=True, check=True, timeout=60)
     return out.stdout.strip()
 
 
@@ -507,8 +507,11 @@ def main(argv: list[str] | None = None) -> int:
     add_run_arguments(parser)
     parser.add_argument("--py-spy", metavar="FILE", help="py-spy record -f raw of relayd during the throughput phase")
     parser.add_argument("--gil", action="store_true", help="with --py-spy: only samples holding the GIL")
-    parser.add_argument("--relayd-module", default="relay.daemon", help=argparse.SUPPRESS)  # instrumented runs
-    parser.add_argument("--pythonpath", action="append", default=[], help=argparse.SUPPRESS)
+    parser.add_argument("--relayd-module", metavar="MODULE", default="relay.daemon",
+                        help="run relayd as 'python -m MODULE' (default relay.daemon): a wrapper for "
+                             "experiments, e.g. one that starts relayd under strace or as two processes")
+    parser.add_argument("--pythonpath", metavar="DIR", action="append", default=[],
+                        help="with --relayd-module: a directory to add to relayd's PYTHONPATH (repeatable)")
     parser.add_argument("--keep-log", metavar="FILE", help="copy relayd's log here")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = parser.parse_args(argv)

@@ -263,10 +263,14 @@ class PostfixInstance:
                 self.master_pid = int((self.queue / "pid" / "master.pid").read_text().split()[0])
             except (OSError, ValueError, IndexError):
                 pass
-        done = subprocess.run(self.command("stop"), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, timeout=60)
+        try:
+            returncode: int | None = subprocess.run(
+                self.command("stop"), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, timeout=60).returncode
+        except subprocess.TimeoutExpired:
+            returncode = None                   # what is left is killed below
         if self.master_pid is None:
-            return done.returncode
+            return returncode
         deadline = time.monotonic() + 10
         while self.pids_in_group() and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -277,7 +281,7 @@ class PostfixInstance:
             except OSError:
                 pass
         self.master_pid = None
-        return done.returncode
+        return returncode
 
     def pids_in_group(self) -> list[int]:
         """Processes (not zombies) whose process group is the master's."""
@@ -355,10 +359,13 @@ def measure_throughput(args: argparse.Namespace, postfix: PostfixInstance, sink:
             postfix.snapshot()                  # notes the CPU of processes that may exit before the end
             return counter.count(args.messages)
 
-        def check(delivered: int) -> None:
+        def check_failed() -> None:
             if counter.failed:
                 raise SystemExit(f"{len(counter.failed)} recipient(s) were not delivered, e.g.\n"
                                  + "\n".join(counter.failed[:5]))
+
+        def check(delivered: int) -> None:
+            check_failed()
             if not postfix.alive():
                 raise SystemExit("the Postfix master exited during the run:" + postfix.log_tail())
 
@@ -370,9 +377,7 @@ def measure_throughput(args: argparse.Namespace, postfix: PostfixInstance, sink:
     finally:
         counter.close()
     t_start, t_source, t_done = timed["t_start"], timed["t_source"], timed["t_done"]
-    if counter.failed:
-        raise SystemExit(f"{len(counter.failed)} recipient(s) were not delivered, e.g.\n"
-                         + "\n".join(counter.failed[:5]))
+    check_failed()                              # the lines read after the last poll too
     # Exact total: own + reaped CPU now, minus the same at the start (a process that exited in
     # between moved its CPU into the master's reaped share).
     postfix_cpu = (sum(own + reaped for _, own, reaped in snap1.values())
@@ -408,7 +413,8 @@ def stop_system_postfix() -> None:
 
 
 def run(args: argparse.Namespace, root: Path, command: str) -> dict:
-    version = subprocess.run([POSTCONF, "-dh", "mail_version"], capture_output=True, text=True).stdout.strip()
+    version = subprocess.run([POSTCONF, "-dh", "mail_version"], capture_output=True, text=True,
+                             timeout=60).stdout.strip()
     result: dict = {"command": command, "postfix_version": version}
     receiver = ArrivalReceiver()
     postfix = None

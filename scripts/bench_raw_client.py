@@ -149,11 +149,14 @@ def thread_cpu(pid: int, tid: int) -> float:
 
 
 def machine_busy() -> tuple[float, float]:
-    """(busy, total) jiffies of all CPUs, from /proc/stat."""
+    """(busy, total) jiffies of all CPUs, from /proc/stat: busy is user, nice,
+    system, irq and softirq; total adds idle and iowait.  Steal (time the
+    hypervisor gave to others) is neither, and guest time is already in user."""
     with open("/proc/stat") as f:
-        values = [int(v) for v in f.readline().split()[1:]]
-    idle = values[3] + (values[4] if len(values) > 4 else 0)
-    return sum(values) - idle, sum(values)
+        values = [int(v) for v in f.readline().split()[1:8]] + [0] * 7
+    user, nice, system, idle, iowait, irq, softirq = values[:7]
+    busy = user + nice + system + irq + softirq
+    return busy, busy + idle + iowait
 
 
 def busy_share(before: tuple[float, float], after: tuple[float, float]) -> float:
