@@ -27,7 +27,7 @@ from relay.errors import ConfigError
 
 TLS_MODES = ("none", "opportunistic", "required")
 
-_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _SIZE_UNITS = {
     "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
     "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3,
@@ -35,13 +35,13 @@ _SIZE_UNITS = {
 
 
 def parse_duration(value: object, key: str) -> float:
-    """Seconds from ``30``, ``"30s"``, ``"5m"``, ``"4h"``, ``"5d"`` or ``"1.5h"``."""
+    """Seconds from ``30``, ``"30s"``, ``"5m"``, ``"4h"``, ``"5d"``, ``"1.5h"`` or ``"1ms"``."""
     if isinstance(value, bool):
         raise ConfigError(f"{key} must be a duration like 30, \"30s\", \"5m\", \"4h\" or \"5d\", not {value!r}.")
     if isinstance(value, (int, float)):
         seconds = float(value)
     elif isinstance(value, str):
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", value.lower())
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|[smhdw]?)\s*", value.lower())
         if not m:
             raise ConfigError(f"{key} must be a duration like 30, \"30s\", \"5m\", \"4h\" or \"5d\", not {value!r}.")
         seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2) or "s"]
@@ -163,6 +163,7 @@ class Config:
     max_message_size: int = 25_000_000
     submission_tls_cert: str = ""   # PEM certificate (chain) file; "" = no STARTTLS
     submission_tls_key: str = ""    # PEM private key file; set together with the certificate
+    commit_delay: float = 0.001     # group commit: wait this long for sessions mid-transaction
     metrics_listen: str = ""
     cpu_affinity: tuple[int, ...] = ()   # () = wherever the kernel schedules it
     source: str | None = None       # the file it came from, for messages
@@ -327,6 +328,7 @@ _KEYS: dict[str, tuple[str, Any]] = {
     "submission.max_message_size": ("max_message_size", parse_size),
     "submission.tls_cert": ("submission_tls_cert", _string),
     "submission.tls_key": ("submission_tls_key", _string),
+    "submission.commit_delay": ("commit_delay", parse_duration),
     "metrics.listen": ("metrics_listen", _listen),
 }
 _SECTIONS = {k.split(".")[0] for k in _KEYS} | {"routes"}

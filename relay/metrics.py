@@ -178,6 +178,10 @@ class RelayMetrics:
         r = self.registry
         self.enqueued_total = Counter("relay_enqueued", "Messages accepted into the spool by this relayd.",
                                       ["source"], registry=r)
+        self.submission_commits_total = Counter(
+            "relay_submission_commits", "Spool transactions that committed messages of the submission listener "
+            "(relay_enqueued_total{source=\"submission\"} over this is the group commit's messages a commit).",
+            registry=r)
         self.delivered_total = Counter("relay_delivered", "Recipients delivered.", registry=r)
         self.deferred_total = Counter("relay_deferred", "Recipient delivery attempts deferred, by reason class.",
                                       ["reason"], registry=r)
@@ -225,6 +229,11 @@ class RelayMetrics:
             raise ValueError(f"enqueue source must be one of {', '.join(ENQUEUE_SOURCES)}, not {source!r}")
         if n:
             self.enqueued_total.labels(source=source).inc(n)
+
+    def submission_committed(self, n: int) -> None:
+        """One spool transaction committed ``n`` messages of the submission listener."""
+        self.enqueued(n)
+        self.submission_commits_total.inc()
 
     def connection_opened(self) -> None:
         self.connections_open.inc()

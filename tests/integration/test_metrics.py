@@ -36,6 +36,7 @@ FAMILIES = (
     "relay_enqueued", "relay_delivered", "relay_deferred", "relay_bounced", "relay_recipients",
     "relay_oldest_pending_age_seconds", "relay_spool_up", "relay_spool_last_refresh_timestamp_seconds",
     "relay_connections_open", "relay_time_in_queue_seconds", "relay_delivery_latency_seconds",
+    "relay_submission_commits",
 )
 
 
@@ -150,7 +151,8 @@ class MetricsScenarios:
         svc = self.start_metrics(self.open_spool(), metrics)
         yield svc.refresh()
         now = time.time()
-        metrics.enqueued(3)
+        metrics.submission_committed(2)        # the listener: one commit of 2 messages, one of 1
+        metrics.submission_committed(1)
         metrics.enqueued(source="dsn")
         metrics.connection_opened()
         metrics.connection_opened()
@@ -164,6 +166,7 @@ class MetricsScenarios:
         got = yield self.scrape()
         self.assertEqual(got[("relay_enqueued_total", (("source", "submission"),))], 3)
         self.assertEqual(got[("relay_enqueued_total", (("source", "dsn"),))], 1)
+        self.assertEqual(got[("relay_submission_commits_total", ())], 2)
         self.assertEqual(got[("relay_delivered_total", ())], 2)
         self.assertEqual(got[("relay_deferred_total", (("reason", "network"),))], 1)
         self.assertEqual(got[("relay_deferred_total", (("reason", "dns"),))], 1)

@@ -60,11 +60,13 @@ class Session:
     """One listener session over a fake transport: from ``peer``, with TLS
     configured or not, with :data:`USERS` or none, onto ``spool``."""
 
-    def __init__(self, peer=LOOPBACK, *, tls: bool = False, users: bool = False, spool: Spool | None = None):
+    def __init__(self, peer=LOOPBACK, *, tls: bool = False, users: bool = False, spool: Spool | None = None,
+                 settings: _Settings | None = None):
         self.spool = spool or Spool()
-        settings = _Settings(hostname="relay.test", max_size=10_000,
-                             committer=GroupCommitter(self.spool, task.Clock()),
-                             requires_auth=users, tls=CONTEXT if tls else None)
+        if settings is None:       # else a listener shared with other sessions (its committer has its spool)
+            settings = _Settings(hostname="relay.test", max_size=10_000,
+                                 committer=GroupCommitter(self.spool, task.Clock()),
+                                 requires_auth=users, tls=CONTEXT if tls else None)
         portal = Portal(SubmissionRealm(settings), [UsersChecker(USERS)]) if users else None
         self.proto = SubmissionFactory(settings, portal).buildProtocol(peer)
         self.proto.callLater = task.Clock().callLater   # the idle timeout must not land on the global reactor

@@ -72,3 +72,20 @@ def test_submission_tls_paths_must_be_strings(tmp_path):
     with pytest.raises(ConfigError) as caught:
         _load(tmp_path, '[submission]\ntls_cert = 1\ntls_key = "k.pem"\n')
     assert str(caught.value) == "submission.tls_cert must be a string, not 1."
+
+
+@pytest.mark.parametrize("text, seconds", [
+    ("", 0.001),                        # the default
+    ('commit_delay = "2ms"', 0.002),
+    ("commit_delay = 0", 0.0),          # off
+    ('commit_delay = "0.5ms"', 0.0005),
+])
+def test_submission_commit_delay_takes_milliseconds(tmp_path, text, seconds):
+    """submission.commit_delay is a duration; "ms" is a unit of every duration."""
+    config = _load(tmp_path, f"[submission]\n{text}\n")
+    assert config.commit_delay == pytest.approx(seconds)
+
+
+def test_submission_commit_delay_must_be_a_duration(tmp_path):
+    with pytest.raises(ConfigError, match="submission.commit_delay must be a duration"):
+        _load(tmp_path, '[submission]\ncommit_delay = "soon"\n')

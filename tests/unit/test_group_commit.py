@@ -101,3 +101,107 @@ def test_a_failed_commit_hands_nothing_over():
     assert failures and failures[0].check(SpoolUnavailable)
     assert drain.adopted == [] and committed == []
     assert committer.idle().called
+
+
+# -- commit_delay: waiting for sessions mid-transaction ----------------------
+
+class Siblings:
+    """The listener's answer to "is another session mid-transaction?"."""
+
+    def __init__(self, busy: bool = False):
+        self.busy = busy
+        self.asked = 0
+
+    def __call__(self) -> bool:
+        self.asked += 1
+        return self.busy
+
+
+def delayed_committer(siblings, clock, **kw):
+    spool = Spool()
+    return spool, GroupCommitter(spool, clock, commit_delay=0.001, siblings=siblings, **kw)
+
+
+def test_a_lone_session_is_committed_at_once():
+    clock = task.Clock()
+    spool, committer = delayed_committer(Siblings(busy=False), clock)
+    committer.submit(message(1))
+    assert spool.calls == [("enqueue", 1)]
+    assert clock.getDelayedCalls() == []
+
+
+def test_with_a_sibling_mid_transaction_the_commit_waits_at_most_commit_delay():
+    clock, siblings = task.Clock(), Siblings(busy=True)
+    spool, committer = delayed_committer(siblings, clock)
+    committer.submit(message(1))
+    clock.advance(0.0009)
+    committer.submit(message(2))
+    assert spool.calls == []                      # still held back for the sibling
+    clock.advance(0.0001)                         # commit_delay after the first, not the second
+    assert spool.calls == [("enqueue", 2)]
+    assert clock.getDelayedCalls() == []
+
+
+def test_the_commit_starts_as_soon_as_the_last_sibling_has_submitted():
+    clock, siblings = task.Clock(), Siblings(busy=True)
+    spool, committer = delayed_committer(siblings, clock)
+    replies = []
+    committer.submit(message(1)).addCallback(replies.append)
+    siblings.busy = False                         # the sibling's final dot: nobody else is coming
+    committer.submit(message(2)).addCallback(replies.append)
+    assert spool.calls == [("enqueue", 2)]
+    assert clock.getDelayedCalls() == []          # the timer was cancelled
+    spool.commit()
+    assert replies == ["Q0", "Q1"]
+
+
+def test_a_full_batch_does_not_wait_for_siblings():
+    clock = task.Clock()
+    spool, committer = delayed_committer(Siblings(busy=True), clock, max_batch=3)
+    for n in range(3):
+        committer.submit(message(n))
+    assert spool.calls == [("enqueue", 3)]
+    assert clock.getDelayedCalls() == []
+
+
+def test_no_wait_while_a_commit_runs_and_the_next_batch_may_wait_again():
+    clock, siblings = task.Clock(), Siblings(busy=False)
+    spool, committer = delayed_committer(siblings, clock)
+    committer.submit(message(1))                  # committed at once
+    siblings.busy = True
+    committer.submit(message(2))                  # waits for the running commit, not for a timer
+    assert clock.getDelayedCalls() == []
+    spool.commit()                                # the next one could start: a sibling is mid-transaction
+    assert spool.calls == [("enqueue", 1)]
+    assert len(clock.getDelayedCalls()) == 1
+    clock.advance(0.001)
+    assert spool.calls == [("enqueue", 1), ("enqueue", 1)]
+
+
+def test_withdrawn_while_held_back_commits_nothing_and_becomes_idle():
+    clock = task.Clock()
+    spool, committer = delayed_committer(Siblings(busy=True), clock)
+    d = committer.submit(message(1))
+    idle = []
+    committer.idle().addCallback(idle.append)
+    assert committer.withdraw(d)
+    assert idle == [None]
+    clock.advance(0.001)
+    assert spool.calls == []
+
+
+def test_commits_and_messages_are_counted():
+    clock = task.Clock()
+    spool, committer = delayed_committer(Siblings(busy=True), clock)
+    for n in range(4):
+        committer.submit(message(n))
+    clock.advance(0.001)
+    spool.commit()
+    assert (committer.commits, committer.messages) == (1, 4)
+
+
+def test_without_commit_delay_siblings_are_not_asked():
+    siblings = Siblings(busy=True)
+    spool = Spool()
+    GroupCommitter(spool, task.Clock(), siblings=siblings).submit(message(1))
+    assert spool.calls == [("enqueue", 1)] and siblings.asked == 0

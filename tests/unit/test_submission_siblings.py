@@ -1,0 +1,92 @@
+"""The group commit's siblings: sessions of one listener between an accepted
+MAIL and their final dot, for whose messages a commit waits (commit_delay)."""
+
+from __future__ import annotations
+
+from twisted.internet import task
+
+from relay.submission import GroupCommitter, _Settings, mid_transaction
+from tests.unit.submission_fakes import Session, Spool, code
+
+BODY = b"Subject: hi\r\n\r\nhello\r\n.\r\n"
+
+
+class Listener:
+    """Sessions sharing one committer with commit_delay, onto a spool that
+    records commits and answers when released."""
+
+    def __init__(self):
+        self.clock = task.Clock()
+        self.spool = Spool(hold=True)
+        self.transactions: set = set()
+        committer = GroupCommitter(self.spool, self.clock, commit_delay=0.001,
+                                   siblings=lambda: mid_transaction(self.transactions))
+        self.settings = _Settings(hostname="relay.test", max_size=10_000, committer=committer,
+                                  requires_auth=False, transactions=self.transactions)
+
+    def session(self) -> Session:
+        s = Session(settings=self.settings, spool=self.spool)
+        s.ehlo()
+        return s
+
+    def commits(self) -> list[int]:
+        """The size of each commit started and not yet released."""
+        return [len(messages) for messages, _ in self.spool.waiting]
+
+
+def open_transaction(s: Session) -> None:
+    assert code(s.cmd(b"MAIL FROM:<a@s.test>") + s.cmd(b"RCPT TO:<r@d.test>")) == [b"250 2.1.0", b"250 2.1.5"]
+
+
+def test_a_commit_waits_for_a_session_mid_transaction_and_takes_both_messages():
+    listener = Listener()
+    a, b = listener.session(), listener.session()
+    open_transaction(a)
+    open_transaction(b)
+    assert code(a.cmd(b"DATA") + a.send(BODY)) == [b"354 Continue"]
+    assert listener.commits() == []                 # b is coming
+    assert code(b.cmd(b"DATA")) == [b"354 Continue"]
+    assert b.send(BODY) == []
+    assert listener.commits() == [2]                # b was the last: no timer needed
+    assert listener.clock.getDelayedCalls() == []
+    listener.spool.release()
+    assert code(a.replies()) == [b"250 2.0.0"] and code(b.replies()) == [b"250 2.0.0"]
+
+
+def test_a_session_receiving_its_body_is_a_sibling():
+    listener = Listener()
+    a, b = listener.session(), listener.session()
+    open_transaction(a)
+    open_transaction(b)
+    b.cmd(b"DATA")
+    b.send(b"Subject: half\r\n\r\n")                # still in DATA
+    a.cmd(b"DATA")
+    a.send(BODY)
+    assert listener.commits() == []
+    listener.clock.advance(0.001)                   # b is slow: the commit goes without it
+    assert listener.commits() == [1]
+
+
+def test_sessions_whose_transaction_ended_are_no_siblings():
+    listener = Listener()
+    a, reset, gone, idle = (listener.session() for _ in range(4))
+    for s in (a, reset, gone):
+        open_transaction(s)
+    assert code(reset.cmd(b"RSET")) == [b"250 2.0.0"]
+    gone.transport.loseConnection()
+    gone.proto.connectionLost(None)
+    assert len(listener.transactions) == 3          # a, and reset and gone are still listed ...
+    a.cmd(b"DATA")
+    a.send(BODY)
+    assert listener.commits() == [1]                # ... but neither held the commit back
+    assert listener.transactions == set()           # and all three were dropped on the way
+
+
+def test_a_lone_session_commits_at_once():
+    listener = Listener()
+    a = listener.session()
+    open_transaction(a)
+    a.cmd(b"DATA")
+    a.send(BODY)
+    assert listener.commits() == [1]
+    assert listener.clock.getDelayedCalls() == []
