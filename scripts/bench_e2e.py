@@ -167,7 +167,8 @@ class ArrivalReceiver:
 # -- relayd --------------------------------------------------------------
 
 def write_config(path: Path, *, spool_url: str, listen_port: int, sink_port: int, receiver_port: int,
-                 connections: int | None, batch_size: int | None, cpu_affinity: str | None = None) -> None:
+                 connections: int | None, batch_size: int | None, cpu_affinity: str | None = None,
+                 commit_delay: str | None = None, metrics_port: int | None = None) -> None:
     lines = [
         "[relay]",
         'hostname = "relay.bench.example"',
@@ -180,6 +181,12 @@ def write_config(path: Path, *, spool_url: str, listen_port: int, sink_port: int
         f"url = {toml_str(spool_url)}",
         "[submission]",
         f'listen = "127.0.0.1:{listen_port}"',
+    ]
+    if commit_delay is not None:
+        lines.append(f"commit_delay = {toml_str(commit_delay)}")
+    if metrics_port:
+        lines += ["[metrics]", f'listen = "127.0.0.1:{metrics_port}"']
+    lines += [
         "[delivery]",
         'tls = "none"',
     ]
@@ -394,11 +401,12 @@ def run(args: argparse.Namespace, workdir: Path, url: str, command: str) -> dict
     receiver = ArrivalReceiver()
     try:
         with smtp_sink() as (sink, sink_port, sink_cmd):
-            listen_port = free_port()
+            listen_port, metrics_port = free_port(), free_port()
             config = workdir / "relayd.toml"
             write_config(config, spool_url=url, listen_port=listen_port, sink_port=sink_port,
                          receiver_port=receiver.port, connections=args.connections, batch_size=args.batch_size,
-                         cpu_affinity=args.cpu_affinity)
+                         cpu_affinity=args.cpu_affinity, commit_delay=args.commit_delay,
+                         metrics_port=metrics_port)
             env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), *args.pythonpath]))
             env.pop("RELAY_CONFIG", None)
             env.pop("RELAY_SPOOL_URL", None)
@@ -418,7 +426,11 @@ def run(args: argparse.Namespace, workdir: Path, url: str, command: str) -> dict
                     result["latency"] = measure_latency(listen_port, receiver, args.samples, args.warmup,
                                                         args.gap, args.timeout)
                 if args.messages:
+                    commits0 = submission_commits(metrics_port)
                     result["throughput"] = measure_throughput(args, listen_port, engine, relayd, sink, workdir)
+                    commits1 = submission_commits(metrics_port)
+                    result["throughput"]["commits"] = commits1[0] - commits0[0]
+                    result["throughput"]["committed"] = commits1[1] - commits0[1]
                 stop_process(relayd, grace=30)
                 result["relayd_exit"] = relayd.returncode
                 relayd = None
@@ -430,6 +442,22 @@ def run(args: argparse.Namespace, workdir: Path, url: str, command: str) -> dict
         if relayd is not None:
             stop_process(relayd, grace=10)
         engine.dispose()
+
+
+def submission_commits(metrics_port: int) -> tuple[float, float]:
+    """relayd's listener commits and the messages they committed so far,
+    from its /metrics (``relay_submission_commits_total`` and
+    ``relay_enqueued_total{source="submission"}``)."""
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    values = {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+              for family in text_string_to_metric_families(text) for sample in family.samples}
+    return (values[("relay_submission_commits_total", ())],
+            values[("relay_enqueued_total", (("source", "submission"),))])
 
 
 def interpreter_version(python: str) -> str:
@@ -499,6 +527,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, help="delivery.batch_size (default: relayd's)")
     parser.add_argument("--cpu-affinity", metavar="CPUS",
                         help="relay.cpu_affinity, e.g. 1 or 0,1 (default: not pinned)")
+    parser.add_argument("--commit-delay", metavar="DURATION",
+                        help='submission.commit_delay, e.g. "1ms" or 0 for off (default: relayd\'s)')
     parser.add_argument("--pg", action="store_true", help="a fresh schema in " + PG_SERVER_URL)
     parser.add_argument("--python", metavar="PATH", default=sys.executable,
                         help="the interpreter that runs relayd (default: this one); it needs relay's "
@@ -546,6 +576,9 @@ def main(argv: list[str] | None = None) -> int:
               f"smtp-sink {tp['sink_cpu']:.1f} s, this script {tp['bench_cpu']:.1f} s, "
               f"postgres {tp['postgres_cpu']:.1f} s, "
               f"everything else {tp['other_cpu']:.1f} s; machine {tp['machine_busy']:.0%} busy")
+        if tp.get("commits"):
+            print(f"  group commit: {tp['commits']:,.0f} listener commits, "
+                  f"{tp['committed'] / tp['commits']:.1f} messages a commit")
     summary = summary_parts(tp, lat)
     summary.append(f"relayd exited {r.get('relayd_exit')}")
     print(f"summary ({r['spool']}): " + "; ".join(summary))
