@@ -361,9 +361,9 @@ class _Settings:
     committer: GroupCommitter
     requires_auth: bool
     sessions: set = field(default_factory=set)
-    #: Sessions whose MAIL was accepted, for the group commit's siblings
-    #: (:func:`mid_transaction`); those whose transaction has ended are
-    #: dropped when next looked at.
+    #: Open sessions whose MAIL was accepted, for the group commit's siblings
+    #: (:func:`mid_transaction`); a session leaves when it closes, or when it
+    #: is looked at after its transaction ended.
     transactions: set = field(default_factory=set)
     #: ``submission.tls_cert``/``tls_key`` loaded (:func:`load_submission_tls`); None = no STARTTLS.
     tls: ssl.CertificateOptions | None = None
@@ -558,6 +558,7 @@ class SubmissionProtocol(smtp.ESMTP):
     def connectionLost(self, reason):
         self._closed = True
         self.settings.sessions.discard(self)
+        self.settings.transactions.discard(self)
         if self._commit is not None:
             # The client will not see a reply: do not queue what it will send again.
             self.settings.committer.withdraw(self._commit)
