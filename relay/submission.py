@@ -40,7 +40,10 @@ per connection, or one per login when ``submission.users`` is set) and one
 * 250 after DATA only once the message is committed.  Messages that finish
   DATA while a commit is running wait for the next one, which takes them all
   in ONE ``spool.enqueue`` transaction (:class:`GroupCommitter`); at most one
-  commit is in flight.  Spool trouble -> 451 4.3.0 (452 4.3.1 when full).
+  commit is in flight.  A commit that could start while another session is
+  mid-transaction (:func:`mid_transaction`) waits for that session's message
+  up to ``submission.commit_delay``.  Spool trouble -> 451 4.3.0 (452 4.3.1
+  when full).
 
 Pipelining: Twisted's server handles commands in order, but it would go on
 reading commands while a commit runs, so a ``QUIT`` or ``MAIL`` pipelined
