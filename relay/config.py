@@ -37,16 +37,16 @@ _SIZE_UNITS = {
 def parse_duration(value: object, key: str) -> float:
     """Seconds from ``30``, ``"30s"``, ``"5m"``, ``"4h"``, ``"5d"``, ``"1.5h"`` or ``"1ms"``."""
     if isinstance(value, bool):
-        raise ConfigError(f"{key} must be a duration like 30, \"30s\", \"5m\", \"4h\" or \"5d\", not {value!r}.")
+        raise ConfigError(f"{key} must be a duration like 30, \"30s\", \"5m\", \"4h\", \"5d\" or \"1ms\", not {value!r}.")
     if isinstance(value, (int, float)):
         seconds = float(value)
     elif isinstance(value, str):
         m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|[smhdw]?)\s*", value.lower())
         if not m:
-            raise ConfigError(f"{key} must be a duration like 30, \"30s\", \"5m\", \"4h\" or \"5d\", not {value!r}.")
+            raise ConfigError(f"{key} must be a duration like 30, \"30s\", \"5m\", \"4h\", \"5d\" or \"1ms\", not {value!r}.")
         seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2) or "s"]
     else:
-        raise ConfigError(f"{key} must be a duration like 30, \"30s\", \"5m\", \"4h\" or \"5d\", not {value!r}.")
+        raise ConfigError(f"{key} must be a duration like 30, \"30s\", \"5m\", \"4h\", \"5d\" or \"1ms\", not {value!r}.")
     if seconds < 0:
         raise ConfigError(f"{key} must not be negative.")
     return seconds
@@ -304,6 +304,18 @@ def _routes(value: object, key: str) -> Mapping[str, Route]:
     return MappingProxyType(routes)
 
 
+#: Longest ``submission.commit_delay`` (PostgreSQL's ``commit_delay`` stops there too).
+MAX_COMMIT_DELAY = 0.1
+
+
+def _commit_delay(value: object, key: str) -> float:
+    seconds = parse_duration(value, key)
+    if seconds > MAX_COMMIT_DELAY:
+        raise ConfigError(f"{key} must be at most \"100ms\" (a wait before commits under load; "
+                          f"milliseconds are written \"1ms\", \"m\" means minutes), not {value!r}.")
+    return seconds
+
+
 _KEYS: dict[str, tuple[str, Any]] = {
     "relay.hostname": ("hostname", _nonempty_string),
     "relay.node": ("node", _nonempty_string),
@@ -328,7 +340,7 @@ _KEYS: dict[str, tuple[str, Any]] = {
     "submission.max_message_size": ("max_message_size", parse_size),
     "submission.tls_cert": ("submission_tls_cert", _string),
     "submission.tls_key": ("submission_tls_key", _string),
-    "submission.commit_delay": ("commit_delay", parse_duration),
+    "submission.commit_delay": ("commit_delay", _commit_delay),
     "metrics.listen": ("metrics_listen", _listen),
 }
 _SECTIONS = {k.split(".")[0] for k in _KEYS} | {"routes"}

@@ -26,6 +26,9 @@ from the first scrape):
 ==========================================  =======================================================
 ``relay_enqueued_total{source}``            messages accepted by this relayd; ``source`` is
                                             ``submission`` (SMTP listener) or ``dsn`` (bounces)
+``relay_submission_commits_total``          spool transactions of the SMTP listener; enqueued
+                                            (``source="submission"``) over this is the group
+                                            commit's messages per commit
 ``relay_delivered_total``                   recipients delivered (one per recipient)
 ``relay_deferred_total{reason}``            recipient attempts deferred, by reason class
 ``relay_bounced_total{reason}``             recipients bounced (failed permanently or expired)

@@ -188,6 +188,7 @@ class GroupCommitter:
         self._siblings = siblings
         #: The timer of a commit held back for siblings (``commit_delay``).
         self._held_back = None
+        self._pending_bytes = 0
         self._pending: deque[tuple[NewMessage, defer.Deferred]] = deque()
         self._inflight = False
         self._idle: list[defer.Deferred] = []
@@ -199,6 +200,7 @@ class GroupCommitter:
     def submit(self, message: NewMessage) -> "defer.Deferred[str]":
         d: defer.Deferred = defer.Deferred()
         self._pending.append((message, d))
+        self._pending_bytes += message.size
         self._next()
         return d
 
@@ -207,9 +209,19 @@ class GroupCommitter:
         for entry in self._pending:
             if entry[1] is d:
                 self._pending.remove(entry)
+                self._pending_bytes -= entry[0].size
+                if not self._pending:
+                    self._cancel_hold()
                 self._check_idle()
                 return True
         return False
+
+    def recheck(self) -> None:
+        """A session left the middle of its transaction without submitting
+        (RSET, a new EHLO, STARTTLS, a failed DATA, hung up): a commit held
+        back for it may start now."""
+        if self._held_back is not None:
+            self._next()
 
     def idle(self) -> defer.Deferred:
         """A Deferred that fires once nothing is pending or being committed."""
@@ -227,14 +239,18 @@ class GroupCommitter:
     def _next(self) -> None:
         if self._inflight or not self._pending:
             return
-        if self._commit_delay and len(self._pending) < self._max_batch and self._siblings():
+        if (self._commit_delay and len(self._pending) < self._max_batch
+                and self._pending_bytes < self._max_bytes and self._siblings()):
             if self._held_back is None:
                 self._held_back = self._clock.callLater(self._commit_delay, self._delay_over)
             return
+        self._cancel_hold()
+        self._start()
+
+    def _cancel_hold(self) -> None:
         if self._held_back is not None:
             self._held_back.cancel()
             self._held_back = None
-        self._start()
 
     def _delay_over(self) -> None:
         self._held_back = None
@@ -249,6 +265,7 @@ class GroupCommitter:
             if batch and size + message.size > self._max_bytes:
                 break
             batch.append(self._pending.popleft())
+            self._pending_bytes -= message.size
             size += message.size
         self._inflight = True
         self.commits += 1
@@ -561,7 +578,9 @@ class SubmissionProtocol(smtp.ESMTP):
     def connectionLost(self, reason):
         self._closed = True
         self.settings.sessions.discard(self)
-        self.settings.transactions.discard(self)
+        if self in self.settings.transactions:
+            self.settings.transactions.discard(self)
+            self._left_transaction()
         if self._commit is not None:
             # The client will not see a reply: do not queue what it will send again.
             self.settings.committer.withdraw(self._commit)
@@ -659,6 +678,7 @@ class SubmissionProtocol(smtp.ESMTP):
                 self.datafailed = e
                 for message in messages:
                     message.connectionLost()
+                self._left_transaction()
         if end < 0:
             self._buffer = partial
             return None
@@ -730,7 +750,11 @@ class SubmissionProtocol(smtp.ESMTP):
     def mid_transaction(self) -> bool:
         """Between an accepted MAIL and the final dot of its DATA (a message
         is coming that a group commit may wait for)."""
-        return not self._closed and (self._from is not None or self.mode == smtp.DATA)
+        return not self._closed and (self._from is not None or (self.mode == smtp.DATA and not self.datafailed))
+
+    def _left_transaction(self) -> None:
+        """The transaction ended without a message: a commit held back for it may go."""
+        self.settings.committer.recheck()
 
     def _cbFromValidate(self, fromEmail, code=250, msg=b"Sender address accepted"):
         smtp.ESMTP._cbFromValidate(self, fromEmail, code, msg)
@@ -740,11 +764,13 @@ class SubmissionProtocol(smtp.ESMTP):
     # commands --------------------------------------------------------------
     def do_HELO(self, rest):
         self.esmtp = False
-        smtp.ESMTP.do_HELO(self, rest)
+        smtp.ESMTP.do_HELO(self, rest)     # resets the transaction
+        self._left_transaction()
 
     def do_EHLO(self, rest):
         self.esmtp = True
-        smtp.ESMTP.do_EHLO(self, rest)
+        smtp.ESMTP.do_EHLO(self, rest)     # resets the transaction
+        self._left_transaction()
 
     def do_NOOP(self, rest):
         self.sendCode(250, b"2.0.0 Ok")
@@ -884,6 +910,7 @@ class SubmissionProtocol(smtp.ESMTP):
         self._from = None
         self._to = []
         self.sendCode(250, b"2.0.0 Ok")
+        self._left_transaction()
 
     def do_DATA(self, rest):
         if self._from is None or not self._to:
@@ -906,8 +933,13 @@ class SubmissionProtocol(smtp.ESMTP):
                 messages[0].eomReceived().addCallbacks(
                     lambda qid: self._messageHandled([(True, qid)]),
                     lambda failure: self._messageHandled([(False, failure)]))
+                if self._commit is None:        # refused (554), nothing submitted
+                    self._left_transaction()
                 return
+        failed = self.datafailed
         smtp.ESMTP.dataLineReceived(self, line)
+        if self.datafailed and not failed:      # 552: this message will not be submitted
+            self._left_transaction()
 
     def _messageHandled(self, resultList):
         """The reply to the final dot (Twisted's says 250/550 only)."""
@@ -964,6 +996,7 @@ class SubmissionProtocol(smtp.ESMTP):
         self.esmtp = False
         self._from = None
         self._to = []
+        self._left_transaction()
         self.smtputf8 = False
         if self._onLogout is not None:
             logout, self._onLogout = self._onLogout, None

@@ -89,3 +89,10 @@ def test_submission_commit_delay_takes_milliseconds(tmp_path, text, seconds):
 def test_submission_commit_delay_must_be_a_duration(tmp_path):
     with pytest.raises(ConfigError, match="submission.commit_delay must be a duration"):
         _load(tmp_path, '[submission]\ncommit_delay = "soon"\n')
+
+
+@pytest.mark.parametrize("value", ['"1m"', "0.2", '"101ms"'])
+def test_submission_commit_delay_is_at_most_100ms(tmp_path, value):
+    """A minute written for a millisecond ("1m") is refused, not waited before every commit."""
+    with pytest.raises(ConfigError, match=r'submission.commit_delay must be at most "100ms".*"m" means minutes'):
+        _load(tmp_path, f"[submission]\ncommit_delay = {value}\n")

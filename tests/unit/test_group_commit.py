@@ -186,8 +186,38 @@ def test_withdrawn_while_held_back_commits_nothing_and_becomes_idle():
     committer.idle().addCallback(idle.append)
     assert committer.withdraw(d)
     assert idle == [None]
+    assert clock.getDelayedCalls() == []          # nothing left to hold back: the timer is gone
     clock.advance(0.001)
     assert spool.calls == []
+
+
+def test_recheck_starts_a_held_back_commit_once_no_sibling_is_left():
+    clock, siblings = task.Clock(), Siblings(busy=True)
+    spool, committer = delayed_committer(siblings, clock)
+    committer.submit(message(1))
+    committer.recheck()                           # still a sibling: still held back
+    assert spool.calls == []
+    siblings.busy = False                         # the sibling sent RSET, say
+    committer.recheck()
+    assert spool.calls == [("enqueue", 1)]
+    assert clock.getDelayedCalls() == []
+
+
+def test_recheck_without_a_held_back_commit_does_nothing():
+    clock, siblings = task.Clock(), Siblings(busy=False)
+    spool, committer = delayed_committer(siblings, clock)
+    committer.recheck()
+    assert spool.calls == [] and siblings.asked == 0
+
+
+def test_a_batch_at_the_byte_limit_does_not_wait_for_siblings():
+    clock = task.Clock()
+    size = message(1).size
+    spool, committer = delayed_committer(Siblings(busy=True), clock, max_batch_bytes=2 * size)
+    committer.submit(message(1))
+    assert spool.calls == []
+    committer.submit(message(2))                  # the batch is full by size
+    assert spool.calls == [("enqueue", 2)]
 
 
 def test_commits_and_messages_are_counted():

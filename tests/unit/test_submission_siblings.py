@@ -82,6 +82,58 @@ def test_sessions_whose_transaction_ended_are_no_siblings():
     assert listener.transactions == set()           # and both were dropped on the way
 
 
+def held_back_for(listener: Listener, sibling: Session) -> Session:
+    """A session whose message is held back for ``sibling`` (mid-transaction)."""
+    a = listener.session()
+    open_transaction(a)
+    open_transaction(sibling)
+    a.cmd(b"DATA")
+    a.send(BODY)
+    assert listener.commits() == []
+    return a
+
+
+def test_a_sibling_that_resets_lets_the_held_back_commit_go_at_once():
+    listener = Listener()
+    b = listener.session()
+    held_back_for(listener, b)
+    b.cmd(b"RSET")
+    assert listener.commits() == [1]                # not at the timer
+    assert listener.clock.getDelayedCalls() == []
+
+
+def test_a_sibling_that_says_ehlo_again_lets_the_held_back_commit_go():
+    listener = Listener()
+    b = listener.session()
+    held_back_for(listener, b)
+    b.ehlo()
+    assert listener.commits() == [1]
+
+
+def test_a_sibling_that_hangs_up_lets_the_held_back_commit_go():
+    listener = Listener()
+    b = listener.session()
+    held_back_for(listener, b)
+    b.transport.loseConnection()
+    b.proto.connectionLost(None)
+    assert listener.commits() == [1]
+
+
+def test_a_sibling_whose_message_is_too_big_is_not_waited_for():
+    listener = Listener()
+    a, b = listener.session(), listener.session()
+    open_transaction(a)
+    open_transaction(b)
+    b.cmd(b"DATA")
+    b.send(b"Subject: big\r\n\r\n" + b"x" * 900 + b"\r\n")   # b is a sibling while its body arrives
+    a.cmd(b"DATA")
+    a.send(BODY)
+    assert listener.commits() == []
+    b.send((b"x" * 900 + b"\r\n") * 12)             # over max_size (10,000): b's message will never come
+    assert listener.commits() == [1]
+    assert code(b.send(b".\r\n")) == [b"552 5.3.4"]
+
+
 def test_a_lone_session_commits_at_once():
     listener = Listener()
     a = listener.session()
