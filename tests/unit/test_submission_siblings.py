@@ -53,16 +53,23 @@ def test_a_commit_waits_for_a_session_mid_transaction_and_takes_both_messages():
     assert code(a.replies()) == [b"250 2.0.0"] and code(b.replies()) == [b"250 2.0.0"]
 
 
-def test_a_session_receiving_its_body_is_a_sibling():
-    listener = Listener()
+def sibling_in_data(listener: Listener, partial: bytes) -> tuple[Session, Session]:
+    """Sessions a and b: b has sent ``partial`` of its DATA when a sends its
+    whole message, which is held back for b's."""
     a, b = listener.session(), listener.session()
     open_transaction(a)
     open_transaction(b)
     b.cmd(b"DATA")
-    b.send(b"Subject: half\r\n\r\n")                # still in DATA
+    b.send(partial)
     a.cmd(b"DATA")
     a.send(BODY)
     assert listener.commits() == []
+    return a, b
+
+
+def test_a_session_receiving_its_body_is_a_sibling():
+    listener = Listener()
+    sibling_in_data(listener, b"Subject: half\r\n\r\n")
     listener.clock.advance(0.001)                   # b is slow: the commit goes without it
     assert listener.commits() == [1]
 
@@ -121,14 +128,7 @@ def test_a_sibling_that_hangs_up_lets_the_held_back_commit_go():
 
 def test_a_sibling_whose_message_is_too_big_is_not_waited_for():
     listener = Listener()
-    a, b = listener.session(), listener.session()
-    open_transaction(a)
-    open_transaction(b)
-    b.cmd(b"DATA")
-    b.send(b"Subject: big\r\n\r\n" + b"x" * 900 + b"\r\n")   # b is a sibling while its body arrives
-    a.cmd(b"DATA")
-    a.send(BODY)
-    assert listener.commits() == []
+    _, b = sibling_in_data(listener, b"Subject: big\r\n\r\n" + b"x" * 900 + b"\r\n")
     b.send((b"x" * 900 + b"\r\n") * 12)             # over max_size (10,000): b's message will never come
     assert listener.commits() == [1]
     assert code(b.send(b".\r\n")) == [b"552 5.3.4"]
