@@ -678,6 +678,28 @@ class SubmissionScenarios:
         self.assertEqual(self.wrapped.peak, 1)
         self.assertEqual(self.woken, len(self.wrapped.calls))
 
+    @defer.inlineCallbacks
+    def test_commit_waits_for_a_session_mid_transaction(self):
+        """Two clients with MAIL and RCPT accepted send DATA together: the first final dot's commit
+        waits (commit_delay) for the other session's message, and one transaction queues both."""
+        self.start_listener(wrap=lambda spool: FlakySpool(spool), commit_delay=0.1)
+        barrier = threading.Barrier(2, timeout=15)
+
+        def client(n):
+            s = self.smtp()
+            try:
+                s.mail("app@sender.test")
+                s.rcpt(f"r{n}@dest.test")
+                barrier.wait()          # both are mid-transaction before either sends DATA
+                return s.data(MESSAGE)
+            finally:
+                s.quit()
+
+        replies = yield defer.gatherResults([threads.deferToThread(client, n) for n in range(2)])
+        self.assertEqual([code for code, _ in replies], [250, 250])
+        self.assertEqual(self.wrapped.calls, [2])
+        self.assertEqual(self.messages(), 2)
+
     # -- spool trouble -----------------------------------------------------
 
     @defer.inlineCallbacks
