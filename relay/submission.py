@@ -578,13 +578,13 @@ class SubmissionProtocol(smtp.ESMTP):
     def connectionLost(self, reason):
         self._closed = True
         self.settings.sessions.discard(self)
-        if self in self.settings.transactions:
-            self.settings.transactions.discard(self)
-            self._left_transaction()
         if self._commit is not None:
             # The client will not see a reply: do not queue what it will send again.
             self.settings.committer.withdraw(self._commit)
             self._commit = None
+        if self in self.settings.transactions:      # after the withdrawal: the recheck may start a commit
+            self.settings.transactions.discard(self)
+            self._left_transaction()
         self._held.clear()
         self._held_bytes = 0
         smtp.ESMTP.connectionLost(self, reason)

@@ -134,6 +134,23 @@ def test_a_sibling_whose_message_is_too_big_is_not_waited_for():
     assert code(b.send(b".\r\n")) == [b"552 5.3.4"]
 
 
+def test_a_held_back_message_whose_client_hangs_up_is_not_queued():
+    """The client will never see the 250, and would send the message again."""
+    listener = Listener()
+    a, b = listener.session(), listener.session()
+    open_transaction(a)
+    open_transaction(b)
+    b.cmd(b"DATA")
+    b.send(BODY)                                    # held back: a is mid-transaction
+    b.transport.loseConnection()
+    b.proto.connectionLost(None)
+    assert listener.commits() == []
+    assert listener.clock.getDelayedCalls() == []   # nothing left to wait for
+    a.cmd(b"DATA")
+    a.send(BODY)
+    assert listener.commits() == [1]                # a's message alone
+
+
 def test_a_lone_session_commits_at_once():
     listener = Listener()
     a = listener.session()
