@@ -1177,17 +1177,18 @@ def load_submission_tls(config: Config) -> ssl.CertificateOptions | None:
     return options
 
 
-def check_submission_config(config: Config) -> tuple[str, int] | None:
-    """Validate ``submission.*``: the (host, port) to listen on, or None when off.
+def check_submission_config(config: Config) -> ssl.CertificateOptions | None:
+    """Validate ``submission.*`` before anything starts: the listener's TLS
+    options, loaded (pass them to :func:`build_submission_service`), or None
+    when the listener is off or has no TLS.
 
     Raises ConfigError for a non-loopback address without users
     (:data:`OPEN_RELAY`), a host that is not an IP address or ``localhost``,
     or TLS files that cannot be used (:func:`load_submission_tls`).
     """
-    where = _listen_address(config)
-    if where is not None:
-        load_submission_tls(config)
-    return where
+    if _listen_address(config) is None:
+        return None
+    return load_submission_tls(config)
 
 
 def _listen_address(config: Config) -> tuple[str, int] | None:
@@ -1207,20 +1208,24 @@ def _listen_address(config: Config) -> tuple[str, int] | None:
 
 def build_submission_service(config: Config, spool, reactor, *,
                              on_enqueued: Callable[[], None] = lambda: None,
-                             handoff=None, metrics=None) -> service.Service | None:
+                             handoff=None, metrics=None,
+                             tls: ssl.CertificateOptions | None = None) -> service.Service | None:
     """The submission listener for ``config`` (None when ``submission.listen`` is empty).
 
     ``spool`` is the DeferredSpool; ``handoff`` (relayd's DrainService,
     optional) takes accepted mail already claimed (see GroupCommitter);
     ``on_enqueued`` runs after every commit that was not handed off (relayd
     passes ``DrainService.wake``); ``metrics`` (optional) gets
-    ``submission_committed(n)`` per commit.  Raises ConfigError as :func:`check_submission_config`.
+    ``submission_committed(n)`` per commit; ``tls`` (optional) the TLS
+    options :func:`check_submission_config` loaded, else they are loaded
+    here.  Raises ConfigError as :func:`check_submission_config`.
     """
     where = _listen_address(config)
     if where is None:
         return None
     host, port = where
-    tls = load_submission_tls(config)
+    if tls is None:
+        tls = load_submission_tls(config)
 
     def committed(n: int, handed_off: bool) -> None:
         if metrics is not None:

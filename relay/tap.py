@@ -83,7 +83,7 @@ def build_service(config: Config, reactor=None, *, trust_root=None, attempt_log=
     if reactor is None:
         from twisted.internet import reactor as global_reactor
         reactor = global_reactor
-    check_submission_config(config)      # refuse an open relay before touching the spool
+    submission_tls = check_submission_config(config)   # refuse an open relay before touching the spool
     pin_to_cpus(config.cpu_affinity)     # before any thread starts (threads inherit it)
     spool = open_spool(config.spool_url, busy_timeout=config.spool_busy_timeout)
     deferred_spool = DeferredSpool(spool, reactor, threads=3)
@@ -100,7 +100,7 @@ def build_service(config: Config, reactor=None, *, trust_root=None, attempt_log=
     if wakeup is not None:
         wakeup.setServiceParent(top)
     submission = build_submission_service(config, deferred_spool, reactor, on_enqueued=drain.wake,
-                                          handoff=drain, metrics=metrics)
+                                          handoff=drain, metrics=metrics, tls=submission_tls)
     if submission is not None:
         submission.setServiceParent(top)
     metrics_service = build_metrics_service(config, metrics, deferred_spool, reactor)

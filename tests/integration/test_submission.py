@@ -781,6 +781,21 @@ class SubmissionConfigTests(unittest.TestCase):
         with open(cert, "rb") as f:
             self.assertEqual(svc.settings.tls.certificate, x509.load_pem_x509_certificate(f.read()))
 
+    def test_relayd_reads_the_tls_files_once(self):
+        """build_service checks them before opening the spool and hands the loaded options to the listener."""
+        cert, key = write_self_signed(scratch_dir(self))
+        config = self.tls_config(cert, key).with_overrides(
+            spool_url=f"sqlite:///{os.path.join(scratch_dir(self), 'spool.db')}",
+            submission_listen=f"127.0.0.1:{free_port()}", nameservers=(f"127.0.0.1:{free_port()}",))
+        reads = []
+        real = submission._read_tls_file
+        self.patch(submission, "_read_tls_file", lambda path, key: reads.append(path) or real(path, key))
+        top = build_service(config, reactor)
+        top.startService()
+        self.addCleanup(top.stopService)
+        self.assertEqual(reads, [cert, key])
+        self.assertIsNotNone(top.getServiceNamed("submission").settings.tls)
+
     def test_unusable_tls_files_are_one_sentence_config_errors(self):
         """One of the pair, an unreadable file, a file that is not PEM, an encrypted key or a key of
         another certificate -> ConfigError with one sentence naming the file(s)."""
