@@ -41,6 +41,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -64,6 +65,23 @@ from bench_raw_client import (  # noqa: E402  (the same messages and sink as the
 
 PG_SERVER_URL = "postgresql+psycopg://postgres@127.0.0.1/test"
 
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """How this run was started, for its report: ``python scripts/SCRIPT ARGS``."""
+    return " ".join(["python", f"scripts/{script}",
+                     *(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))])
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def stop_cleanly_on_sigterm() -> None:
+    """Make ``kill`` (SIGTERM) unwind like Ctrl-C, so that the run's ``finally``
+    blocks stop what it started (relayd, smtp-sink, a private Postfix) and
+    remove its temporary files; bench_series.py relies on it after a timeout."""
+    signal.signal(signal.SIGTERM, _terminate)
 
 def toml_str(value: str) -> str:
     return json.dumps(value)   # a JSON string is a valid TOML basic string
@@ -243,8 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-log", metavar="FILE", help="copy relayd's log here")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = parser.parse_args(argv)
-    command = " ".join(["python", "scripts/bench_delivery.py",
-                        *(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))])
+    command = command_line("bench_delivery.py", argv)
+    stop_cleanly_on_sigterm()
 
     with tempfile.TemporaryDirectory(prefix="relay-bench-delivery-") as tmp:
         result = run_on_fresh_spool(run, args, Path(tmp), command)

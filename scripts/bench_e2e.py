@@ -62,7 +62,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_delivery import PG_SERVER_URL, run_on_fresh_spool, toml_str  # noqa: E402
+from bench_delivery import (  # noqa: E402
+    PG_SERVER_URL,
+    command_line,
+    run_on_fresh_spool,
+    stop_cleanly_on_sigterm,
+    toml_str,
+)
 from bench_raw_client import (  # noqa: E402
     busy_share,
     free_port,
@@ -547,8 +553,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not os.path.exists(SMTP_SOURCE):
         sys.exit(f"{SMTP_SOURCE} is missing (Debian package postfix)")
-    command = " ".join(["python", "scripts/bench_e2e.py",
-                        *(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))])
+    command = command_line("bench_e2e.py", argv)
+    stop_cleanly_on_sigterm()
 
     with tempfile.TemporaryDirectory(prefix="relay-bench-e2e-") as tmp:
         result = run_on_fresh_spool(run, args, Path(tmp), command)

@@ -62,9 +62,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_delivery import command_line, stop_cleanly_on_sigterm  # noqa: E402
 from bench_e2e import (  # noqa: E402
     LATENCY_DOMAIN,
     RECIPIENT,
@@ -152,8 +154,18 @@ def main_cf(root: Path, sink_port: int, receiver_port: int) -> str:
 
 # -- the instance's processes -------------------------------------------------
 
-def _stat(pid: int | str) -> tuple[str, int, int, float, float] | None:
-    """(comm, ppid, pgrp, own CPU s, reaped children's CPU s) from /proc/PID/stat, or None."""
+class _Stat(NamedTuple):
+    """What the instance needs of /proc/PID/stat."""
+
+    comm: str
+    state: str
+    pgrp: int
+    cpu: float              # own user + system CPU, seconds
+    children_cpu: float     # of its reaped children
+
+
+def _stat(pid: int | str) -> _Stat | None:
+    """/proc/PID/stat, or None when there is no such process."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             text = f.read()
@@ -162,8 +174,8 @@ def _stat(pid: int | str) -> tuple[str, int, int, float, float] | None:
     head, _, rest = text.rpartition(")")
     fields = rest.split()
     tick = os.sysconf("SC_CLK_TCK")
-    return (head.partition("(")[2], int(fields[1]), int(fields[2]),
-            (int(fields[11]) + int(fields[12])) / tick, (int(fields[13]) + int(fields[14])) / tick)
+    return _Stat(head.partition("(")[2], fields[0], int(fields[2]),
+                 (int(fields[11]) + int(fields[12])) / tick, (int(fields[13]) + int(fields[14])) / tick)
 
 
 class PostfixInstance:
@@ -194,17 +206,20 @@ class PostfixInstance:
         self.running = True
         done = subprocess.run(self.command("start"), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, timeout=60)
-        try:
-            self.master_pid = int((self.queue / "pid" / "master.pid").read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            self.master_pid = None
+        self.master_pid = self._read_master_pid()
+        # (run() prints the end of the maillog when this fails.)
         if done.returncode != 0 or self.master_pid is None:
-            raise SystemExit(f"postfix start exited {done.returncode}: {done.stdout.decode(errors='replace')}"
-                             + self.log_tail())
+            raise SystemExit(f"postfix start exited {done.returncode}: {done.stdout.decode(errors='replace')}")
         try:
             wait_listening("127.0.0.1", self.listen_port, timeout=30)
         except RuntimeError:
-            raise SystemExit("Postfix's smtpd does not listen:" + self.log_tail()) from None
+            raise SystemExit("Postfix's smtpd does not listen.") from None
+
+    def _read_master_pid(self) -> int | None:
+        try:
+            return int((self.queue / "pid" / "master.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
 
     def log_tail(self, size: int = 3000) -> str:
         try:
@@ -214,7 +229,7 @@ class PostfixInstance:
 
     def alive(self) -> bool:
         stat = _stat(self.master_pid) if self.master_pid else None
-        return stat is not None and stat[2] == self.master_pid
+        return stat is not None and stat.pgrp == self.master_pid
 
     def pids(self) -> list[int]:
         """The master and every process in its process group (the master is a session leader)."""
@@ -225,23 +240,16 @@ class PostfixInstance:
                 children = [int(p) for p in f.read().split()]
             return [self.master_pid, *children]
         except OSError:
-            pass
-        out = []
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                stat = _stat(entry)
-                if stat is not None and stat[2] == self.master_pid:
-                    out.append(int(entry))
-        return out
+            return self.pids_in_group(zombies=True)
 
     def snapshot(self) -> dict[int, tuple[str, float, float]]:
         """pid -> (name, own CPU s, CPU s of its reaped children); notes each process's own CPU."""
         snap = {}
         for pid in self.pids():
             stat = _stat(pid)
-            if stat is not None and stat[2] == self.master_pid:
-                snap[pid] = (stat[0], stat[3], stat[4])
-                self.last[pid] = (stat[0], stat[3])
+            if stat is not None and stat.pgrp == self.master_pid:
+                snap[pid] = (stat.comm, stat.cpu, stat.children_cpu)
+                self.last[pid] = (stat.comm, stat.cpu)
         return snap
 
     def queued(self) -> dict[str, int]:
@@ -259,10 +267,7 @@ class PostfixInstance:
             return None
         self.running = False
         if self.master_pid is None:             # start() failed half way?
-            try:
-                self.master_pid = int((self.queue / "pid" / "master.pid").read_text().split()[0])
-            except (OSError, ValueError, IndexError):
-                pass
+            self.master_pid = self._read_master_pid()
         try:
             returncode: int | None = subprocess.run(
                 self.command("stop"), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -283,17 +288,13 @@ class PostfixInstance:
         self.master_pid = None
         return returncode
 
-    def pids_in_group(self) -> list[int]:
-        """Processes (not zombies) whose process group is the master's."""
+    def pids_in_group(self, zombies: bool = False) -> list[int]:
+        """Processes whose process group is the master's (zombies only if asked)."""
         out = []
         for entry in os.listdir("/proc"):
             if entry.isdigit():
-                try:
-                    with open(f"/proc/{entry}/stat") as f:
-                        fields = f.read().rpartition(")")[2].split()
-                except OSError:
-                    continue
-                if int(fields[2]) == self.master_pid and fields[0] != "Z":
+                stat = _stat(entry)
+                if stat is not None and stat.pgrp == self.master_pid and (zombies or stat.state != "Z"):
                     out.append(int(entry))
         return out
 
@@ -367,7 +368,7 @@ def measure_throughput(args: argparse.Namespace, postfix: PostfixInstance, sink:
         def check(delivered: int) -> None:
             check_failed()
             if not postfix.alive():
-                raise SystemExit("the Postfix master exited during the run:" + postfix.log_tail())
+                raise SystemExit("the Postfix master exited during the run.")
 
         timed = run_smtp_source(args, cmd, workdir, count, check)
         busy1 = machine_busy()
@@ -447,10 +448,6 @@ def run(args: argparse.Namespace, root: Path, command: str) -> dict:
                         dst.write(src.read())
 
 
-def _terminate(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_load_arguments(parser)
@@ -463,9 +460,8 @@ def main(argv: list[str] | None = None) -> int:
             sys.exit(f"{path} is missing (Debian package postfix)")
     if os.geteuid() != 0:
         sys.exit("run this as root: Postfix starts as root and drops to mail_owner = postfix")
-    command = " ".join(["python", "scripts/bench_postfix.py",
-                        *(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))])
-    signal.signal(signal.SIGTERM, _terminate)   # so that Postfix is stopped on `kill` too
+    command = command_line("bench_postfix.py", argv)
+    stop_cleanly_on_sigterm()                   # so that Postfix is stopped on `kill` too
 
     stop_system_postfix()
     with tempfile.TemporaryDirectory(prefix="relay-bench-postfix-") as tmp:

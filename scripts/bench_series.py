@@ -16,9 +16,12 @@ and the series goes on.
 
 Write the flags with ``=`` (``--relayd=--pg``): argparse would take a bare
 ``--pg`` for an option of this script.  ``--common`` flags go to every
-bench_e2e run; the load options (-m, -s, -l,
---samples) go to every run of both scripts.  It prints a table per variant
-and, with ``--json``, one JSON object with every run's result.
+bench_e2e run; the load and run options (-m, -s, -l, --reuse, --samples,
+--warmup, --gap, --timeout, --poll) go to every run of both scripts, so
+that Postfix and relayd always get the same load.  A run that takes longer
+than ``--run-timeout`` is sent SIGTERM (the scripts then stop what they
+started) and killed a minute later.  It prints a table per variant and,
+with ``--json``, one JSON object with every run's result.
 """
 
 from __future__ import annotations
@@ -33,25 +36,36 @@ import time
 from pathlib import Path
 
 SCRIPTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(SCRIPTS))
+
+from bench_e2e import add_load_arguments, add_run_arguments  # noqa: E402
 
 
 def run_bench(script: str, flags: list[str], timeout: float) -> dict:
     """One benchmark run: its JSON result, or ``{"error": sentence}``."""
     cmd = [sys.executable, str(SCRIPTS / script), *flags, "--json"]
     started = time.time()
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:g} s", "argv": cmd}
+        proc.terminate()                # the scripts stop relayd / Postfix and clean up on SIGTERM
+        try:
+            proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+        return {"error": f"timed out after {timeout:g} s", "argv": cmd, "started": started}
     try:
-        result = json.loads(done.stdout.strip().splitlines()[-1])
+        result = json.loads(stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
-        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
-        return {"error": f"exit {done.returncode}: {tail[0]}", "argv": cmd}
+        tail = (stderr or stdout).strip().splitlines()[-1:] or ["no output"]
+        return {"error": f"exit {proc.returncode}: {tail[0]}", "argv": cmd, "started": started}
     result["argv"] = cmd
     result["started"] = started
-    if done.returncode != 0:
-        result["error"] = f"exit {done.returncode}"
+    if proc.returncode != 0:
+        result["error"] = f"exit {proc.returncode}"
     return result
 
 
@@ -109,21 +123,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--common", default="", metavar="FLAGS",
                         help='flags for every bench_e2e.py run, e.g. --common="--cpu-affinity 1"')
     parser.add_argument("--rounds", type=int, default=2, help="rounds (2); Postfix runs once more at the end")
-    parser.add_argument("--messages", "-m", type=int, help="smtp-source -m for every run (default: the scripts')")
-    parser.add_argument("--sessions", "-s", type=int, help="smtp-source -s for every run")
-    parser.add_argument("--size", "-l", type=int, help="smtp-source -l for every run")
-    parser.add_argument("--samples", type=int, help="idle-latency messages for every run")
-    parser.add_argument("--timeout", type=float, default=900.0, help="bound of each run, seconds (900)")
+    parser.add_argument("--run-timeout", type=float, default=900.0, help="bound of each run, seconds (900)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    shared = parser.add_argument_group("passed to every run of both scripts (default: the scripts' own)")
+    add_load_arguments(shared)
+    add_run_arguments(shared)
+    for action in shared._group_actions:
+        action.default = argparse.SUPPRESS          # only what was given is passed on
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
 
     load: list[str] = []
-    for flag, value in (("-m", args.messages), ("-s", args.sessions), ("-l", args.size),
-                        ("--samples", args.samples)):
-        if value is not None:
-            load += [flag, str(value)]
+    for action in shared._group_actions:
+        if hasattr(args, action.dest):
+            value = getattr(args, action.dest)
+            if action.nargs == 0:                   # a switch (--reuse)
+                load += [action.option_strings[0]] if value else []
+            else:
+                load += [action.option_strings[0], str(value)]
     common = shlex.split(args.common)
     postfix: list[dict] = []
     variants: dict[str, list[dict]] = {label: [] for label in args.relayd}
@@ -137,12 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     for n in range(1, args.rounds + 1):
         if not args.json:
             print(f"round {n} of {args.rounds}", file=sys.stderr, flush=True)
-        postfix.append(run_bench("bench_postfix.py", load, args.timeout))
+        postfix.append(run_bench("bench_postfix.py", load, args.run_timeout))
         note("postfix", postfix[-1])
         for label in args.relayd:
-            variants[label].append(run_bench("bench_e2e.py", [*load, *common, *shlex.split(label)], args.timeout))
+            variants[label].append(run_bench("bench_e2e.py", [*load, *common, *shlex.split(label)], args.run_timeout))
             note(f"relayd {label or '(defaults)'}", variants[label][-1])
-    postfix.append(run_bench("bench_postfix.py", load, args.timeout))
+    postfix.append(run_bench("bench_postfix.py", load, args.run_timeout))
     note("postfix", postfix[-1])
 
     if args.json:
