@@ -220,8 +220,7 @@ class GroupCommitter:
         """A session left the middle of its transaction without submitting
         (RSET, a new EHLO, STARTTLS, a failed DATA, hung up): a commit held
         back for it may start now."""
-        if self._held_back is not None:
-            self._next()
+        self._next()
 
     def idle(self) -> defer.Deferred:
         """A Deferred that fires once nothing is pending or being committed."""

@@ -224,17 +224,22 @@ def test_start_line_and_per_recipient_log_lines(spool_url, tmp_path, procs, peer
     assert peer.log.recipients().count("ok@logs.test") == 1
 
 
+def assert_refused_before_the_spool(daemon, spool_url: str, sentence: str) -> None:
+    """relayd exited 64 with ``sentence`` as its only output line, nothing on stdout, spool untouched."""
+    assert daemon.wait(20) == 64
+    lines = daemon.stderr().splitlines()
+    assert lines == [f"relayd: {sentence}"], lines
+    assert daemon.stdout() == ""
+    if spool_url.startswith("sqlite:///"):
+        assert not Path(spool_url[len("sqlite:///"):]).exists(), "a refused config must not touch the spool"
+
+
 def test_unknown_configuration_key_exits_64_with_one_sentence(spool_url, tmp_path, procs):
     """A config with an unknown key makes relayd exit 64 with one sentence naming the key, no traceback, nothing on stdout."""
     config = write_config(tmp_path / "relay.toml", spool_url=spool_url, node="node-bad",
                           extra={"delivery": {"retries_please": 3}})
-    daemon = procs.relayd(config)
-    assert daemon.wait(20) == 64
-    lines = daemon.stderr().splitlines()
-    assert lines == ["relayd: delivery.retries_please is not a known configuration key."], lines
-    assert daemon.stdout() == ""
-    if spool_url.startswith("sqlite:///"):
-        assert not Path(spool_url[len("sqlite:///"):]).exists(), "a refused config must not touch the spool"
+    assert_refused_before_the_spool(procs.relayd(config), spool_url,
+                                    "delivery.retries_please is not a known configuration key.")
 
 
 def test_unreadable_submission_tls_file_exits_64_with_one_sentence(spool_url, tmp_path, procs):
@@ -243,13 +248,8 @@ def test_unreadable_submission_tls_file_exits_64_with_one_sentence(spool_url, tm
     config = write_config(tmp_path / "relay.toml", spool_url=spool_url, node="node-tls",
                           extra={"submission": {"listen": f"127.0.0.1:{free_port()}",
                                                 "tls_cert": str(missing), "tls_key": str(tmp_path / "key.pem")}})
-    daemon = procs.relayd(config)
-    assert daemon.wait(20) == 64
-    lines = daemon.stderr().splitlines()
-    assert lines == [f"relayd: submission.tls_cert {missing} cannot be read (no such file or directory)."], lines
-    assert daemon.stdout() == ""
-    if spool_url.startswith("sqlite:///"):
-        assert not Path(spool_url[len("sqlite:///"):]).exists(), "a refused config must not touch the spool"
+    assert_refused_before_the_spool(procs.relayd(config), spool_url,
+                                    f"submission.tls_cert {missing} cannot be read (no such file or directory).")
 
 
 @pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])

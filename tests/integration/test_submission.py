@@ -648,6 +648,18 @@ class SubmissionScenarios:
 
     # -- group commit ------------------------------------------------------
 
+    def send_together(self, n: int, barrier: threading.Barrier) -> tuple[int, bytes]:
+        """A client thread: MAIL and RCPT, wait until every client of ``barrier``
+        is mid-transaction, then DATA; the reply to the final dot."""
+        s = self.smtp()
+        try:
+            s.mail("app@sender.test")
+            s.rcpt(f"r{n}@dest.test")
+            barrier.wait()
+            return s.data(MESSAGE)
+        finally:
+            s.quit()
+
     @defer.inlineCallbacks
     def test_group_commit_shares_transactions(self):
         """20 concurrent clients all get 250 and are queued, in fewer than 20 enqueue transactions, one at a time."""
@@ -656,19 +668,8 @@ class SubmissionScenarios:
         pool.start()
         self.addCleanup(pool.stop)
         barrier = threading.Barrier(20, timeout=15)
-
-        def client(n):
-            s = self.smtp()
-            try:
-                s.mail("app@sender.test")
-                s.rcpt(f"r{n}@dest.test")
-                barrier.wait()
-                return s.data(MESSAGE)
-            finally:
-                s.quit()
-
         replies = yield defer.gatherResults(
-            [threads.deferToThreadPool(reactor, pool, client, n) for n in range(20)])
+            [threads.deferToThreadPool(reactor, pool, self.send_together, n, barrier) for n in range(20)])
         self.assertEqual([code for code, _ in replies], [250] * 20)
         qids = {QUEUED.match(text).group(1) for _, text in replies}
         self.assertEqual(len(qids), 20)
@@ -682,20 +683,12 @@ class SubmissionScenarios:
     def test_commit_waits_for_a_session_mid_transaction(self):
         """Two clients with MAIL and RCPT accepted send DATA together: the first final dot's commit
         waits (commit_delay) for the other session's message, and one transaction queues both."""
-        self.start_listener(wrap=lambda spool: FlakySpool(spool), commit_delay=0.1)
+        # Far above the 1 ms default (Config is built directly: no 100 ms cap), so that a slow
+        # machine cannot split the two; the commit starts as soon as the second message is in.
+        self.start_listener(wrap=lambda spool: FlakySpool(spool), commit_delay=5.0)
         barrier = threading.Barrier(2, timeout=15)
-
-        def client(n):
-            s = self.smtp()
-            try:
-                s.mail("app@sender.test")
-                s.rcpt(f"r{n}@dest.test")
-                barrier.wait()          # both are mid-transaction before either sends DATA
-                return s.data(MESSAGE)
-            finally:
-                s.quit()
-
-        replies = yield defer.gatherResults([threads.deferToThread(client, n) for n in range(2)])
+        replies = yield defer.gatherResults(
+            [threads.deferToThread(self.send_together, n, barrier) for n in range(2)])
         self.assertEqual([code for code, _ in replies], [250, 250])
         self.assertEqual(self.wrapped.calls, [2])
         self.assertEqual(self.messages(), 2)
@@ -835,37 +828,31 @@ class SubmissionConfigTests(unittest.TestCase):
                 submission.check_submission_config(self.tls_config(cert_path, key_path))
             self.assertEqual(str(caught.exception), sentence)
 
+    def assert_relayd_refuses(self, base: str, submission_toml: str, sentence: str) -> None:
+        """relayd (in process) on a config with ``submission_toml``: exit 64, ``sentence``, no spool created."""
+        from relay import daemon
+        spool_path = os.path.join(base, "spool.db")
+        path = os.path.join(base, "relay.toml")
+        with open(path, "w") as f:
+            f.write(f'[spool]\nurl = "sqlite:///{spool_path}"\n[submission]\n{submission_toml}')
+        err = io.StringIO()
+        self.patch(sys, "stderr", err)
+        self.assertEqual(daemon.main(["--config", path]), 64)
+        self.assertEqual(err.getvalue().strip(), f"relayd: {sentence}")
+        self.assertFalse(os.path.exists(spool_path))
+
     def test_relayd_exits_64_on_a_key_that_does_not_match(self):
         """relayd prints the mismatch sentence and exits 64, without creating the spool."""
-        from relay import daemon
         base = scratch_dir(self)
         cert, _ = write_self_signed(base)
         _, other_key = write_self_signed(base, prefix="other-")
-        spool_path = os.path.join(base, "spool.db")
-        path = os.path.join(base, "relay.toml")
-        with open(path, "w") as f:
-            f.write(f'[spool]\nurl = "sqlite:///{spool_path}"\n[submission]\nlisten = "127.0.0.1:{free_port()}"\n'
-                    f'tls_cert = "{cert}"\ntls_key = "{other_key}"\n')
-        err = io.StringIO()
-        self.patch(sys, "stderr", err)
-        self.assertEqual(daemon.main(["--config", path]), 64)
-        self.assertEqual(err.getvalue().strip(), f"relayd: submission.tls_key {other_key} does not match the "
-                                                 f"certificate in submission.tls_cert {cert}.")
-        self.assertFalse(os.path.exists(spool_path))
+        self.assert_relayd_refuses(
+            base, f'listen = "127.0.0.1:{free_port()}"\ntls_cert = "{cert}"\ntls_key = "{other_key}"\n',
+            f"submission.tls_key {other_key} does not match the certificate in submission.tls_cert {cert}.")
 
     def test_relayd_exits_64_on_an_open_relay_config(self):
         """relayd prints the open-relay sentence and exits 64, without creating the spool."""
-        from relay import daemon
-        base = scratch_dir(self)
-        spool_path = os.path.join(base, "spool.db")
-        path = os.path.join(base, "relay.toml")
-        with open(path, "w") as f:
-            f.write(f'[spool]\nurl = "sqlite:///{spool_path}"\n[submission]\nlisten = "0.0.0.0:2525"\n')
-        err = io.StringIO()
-        self.patch(sys, "stderr", err)
-        self.assertEqual(daemon.main(["--config", path]), 64)
-        self.assertEqual(err.getvalue().strip(), f"relayd: {OPEN_RELAY}")
-        self.assertFalse(os.path.exists(spool_path))
+        self.assert_relayd_refuses(scratch_dir(self), 'listen = "0.0.0.0:2525"\n', OPEN_RELAY)
 
     def test_busy_port_fails_start_in_one_sentence(self):
         """Starting on a port that is already taken raises RelayError naming submission.listen."""

@@ -984,7 +984,7 @@ def test_enqueue_claimed_after_the_server_ended_the_connection(pg_url):
         spool.close()
 
 
-def test_enqueue_claimed_ids_match_the_rows_over_several_statements(spool):
+def test_enqueue_claimed_ids_match_the_rows_of_a_large_batch(spool):
     """Hundreds of recipients in one batch: every claimed id is the row of
     that message's recipient at that position."""
     msgs = [replace(new_message("x@example.org", subject=f"bulk {n}"),

@@ -3,6 +3,8 @@ handshake), shared by the listener's unit tests."""
 
 from __future__ import annotations
 
+import base64
+
 from twisted.cred.portal import Portal
 from twisted.internet import defer, task
 from twisted.internet.address import IPv4Address
@@ -16,6 +18,8 @@ REMOTE = IPv4Address("TCP", "192.0.2.7", 4321)     # a peer address only: nothin
 LOOPBACK = IPv4Address("TCP", "127.0.0.1", 4321)
 #: The one user of sessions with users: alice / s3cret.
 USERS = {"alice": "s3cret"}
+#: AUTH PLAIN as alice (initial response).
+PLAIN_OK = b"AUTH PLAIN " + base64.b64encode(b"\0alice\0s3cret")
 #: Stands in for the listener's CertificateOptions: the fake transport only records it.
 CONTEXT = object()
 

@@ -203,13 +203,6 @@ def test_recheck_starts_a_held_back_commit_once_no_sibling_is_left():
     assert clock.getDelayedCalls() == []
 
 
-def test_recheck_without_a_held_back_commit_does_nothing():
-    clock, siblings = task.Clock(), Siblings(busy=False)
-    spool, committer = delayed_committer(siblings, clock)
-    committer.recheck()
-    assert spool.calls == [] and siblings.asked == 0
-
-
 def test_a_batch_at_the_byte_limit_does_not_wait_for_siblings():
     clock = task.Clock()
     size = message(1).size

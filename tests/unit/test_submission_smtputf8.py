@@ -5,14 +5,11 @@ that transaction only, the reply codes around it, UTF-8 header fields
 
 from __future__ import annotations
 
-import base64
-
 import pytest
 
 from relay.message import parse_message
-from tests.unit.submission_fakes import Session, code
+from tests.unit.submission_fakes import PLAIN_OK, Session, code
 
-PLAIN_OK = b"AUTH PLAIN " + base64.b64encode(b"\0alice\0s3cret")
 SENDER = "jörg@例え.test"
 RCPT = "ünïcode@例え.test"
 NEEDS_PARAMETER = b"553 5.6.7 Non-ASCII address needs the SMTPUTF8 parameter on MAIL."

@@ -6,12 +6,8 @@ CVE-2011-0411)."""
 
 from __future__ import annotations
 
-import base64
-
-from tests.unit.submission_fakes import CONTEXT, LOOPBACK, REMOTE, Spool, code
+from tests.unit.submission_fakes import CONTEXT, LOOPBACK, PLAIN_OK, REMOTE, Spool, code
 from tests.unit.submission_fakes import Session as _Session
-
-PLAIN_OK = b"AUTH PLAIN " + base64.b64encode(b"\0alice\0s3cret")
 
 
 def Session(peer=REMOTE, *, tls=True, users=True, spool=None) -> _Session:
