@@ -103,8 +103,8 @@ class DrainService(service.Service):
         self.trust_root = trust_root
         self.shutdown_timeout = shutdown_timeout
         self.flush_delay = flush_delay
-        #: How long a connection that has carried mail stays open, idle, when its
-        #: destination's queue is empty (0: QUIT at once).  New mail for the
+        #: How long a connection stays open, idle, when its destination's queue
+        #: is empty (0: QUIT at once).  New mail for the
         #: destination goes to such a connection before any new one is opened.
         self.linger = linger
         #: While deliveries are under way, a wake-up (new mail) claims after at most
@@ -408,7 +408,9 @@ class DrainService(service.Service):
         if self._stopping:
             return None
         if not dest.queue:
-            if self.linger > 0 and state["pulled"]:
+            if self.linger > 0:
+                # Also a connection opened for mail that others took meanwhile:
+                # it is ready, and the next mail is likely close behind.
                 return self._linger_on(dest, state)
             return None
         envelope = dest.queue.popleft()

@@ -88,7 +88,7 @@ from relay.config import Config, check_tls_pair, parse_hostport
 from relay.errors import BadMessage, ConfigError, RelayError, SpoolUnavailable
 from relay.message import parse_submitted, validate_address, validate_sender
 from relay.model import NewMessage
-from relay.sendnow import write_now
+from relay.sendnow import close_now, write_now
 
 log = Logger(namespace="relay.submission")
 
@@ -615,6 +615,10 @@ class SubmissionProtocol(smtp.ESMTP):
 
     def greeting(self):
         return self.host + b" ESMTP relay"
+
+    def do_QUIT(self, rest):
+        self.sendCode(221, b"See you later")
+        close_now(self.transport)
 
     def extensions(self):
         ext = {b"PIPELINING": None, b"8BITMIME": None, b"SMTPUTF8": None,

@@ -67,13 +67,25 @@ class TestLinger:
         h.clock.advance(0.1)
         assert waiting.called and waiting.result is None
 
-    def test_a_session_that_never_carried_mail_does_not_wait(self):
-        """A new connection that finds the queue empty (others took the work) quits at once."""
+    def test_a_session_that_never_carried_mail_waits_too(self):
+        """A new connection that finds the queue empty (others took the work) waits for the next mail."""
         h = harness(poll_interval=60.0)
         h.spool.add(make_message("a@x.test"))
         h.start()
         (s,) = h.opener.sessions
         h.drain._destinations["x.test"].queue.clear()   # as if another connection took it
+        waiting = s._next()
+        assert isinstance(waiting, defer.Deferred) and not waiting.called
+        h.clock.advance(LINGER)
+        assert waiting.called and waiting.result is None
+
+    def test_without_linger_a_session_quits_when_the_queue_is_empty(self):
+        """linger 0: a connection that finds nothing to send quits at once."""
+        h = harness(linger=0.0, poll_interval=60.0)
+        h.spool.add(make_message("a@x.test"))
+        h.start()
+        (s,) = h.opener.sessions
+        h.drain._destinations["x.test"].queue.clear()
         assert s._next() is None
 
     def test_stop_releases_waiting_sessions(self):
