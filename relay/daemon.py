@@ -87,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         config = load_config(args.config)
+        from relay.reactor import install_unless_installed
+        install_unless_installed()
         from twisted.internet import reactor
         attempt_lines = AttemptLines(reactor, format_time=None)
         top = build_service(config, reactor, attempt_log=attempt_lines)

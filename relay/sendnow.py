@@ -1,24 +1,33 @@
-"""``write_now``: send on a TCP transport at once instead of at the next reactor turn.
+"""``write_now``: send on a TCP transport without Twisted's write-watch.
 
 Twisted's ``transport.write`` only buffers: the bytes leave at the next turn
 of the reactor, after an ``epoll_ctl`` to watch for writability, the
 ``epoll_wait`` that reports it, and another ``epoll_ctl`` to stop watching.
 An SMTP reply or command is a few dozen bytes that the kernel always takes at
-once, so for each of them relay pays three system calls and a reactor turn,
-and the peer waits that turn.  ``write_now`` sends directly when nothing is
-buffered (as asyncio's transports do) and falls back to ``transport.write``
-for everything else: a TLS connection, data already waiting, a partial send,
-an error (which the reactor then reports as usual), or a transport that is
-not a plain TCP connection (tests' StringTransport).
+once, so for each of them relay would pay three system calls and a reactor
+turn.  ``write_now`` avoids that when nothing is buffered (as asyncio's
+transports do):
 
-It reads Twisted's own write buffer (``dataBuffer``, ``offset``,
-``_tempDataLen`` of ``twisted.internet.abstract.FileDescriptor``); Twisted is
-pinned, and tests/integration/test_sendnow.py checks those attributes still exist.
+- on relayd's reactor (``relay.reactor``, which carries an ``OutputBatch``)
+  the bytes are sent when the reactor has handled the events of the current
+  turn: one ``send`` per connection per turn, and the peers (8 SMTP clients
+  served by one process, say) are woken together instead of one at a time;
+- on any other reactor (tests, ``twistd``) they are sent at once.
+
+It falls back to ``transport.write`` for everything else: a TLS connection,
+data already waiting in Twisted's buffer, a partial send, an error (which the
+reactor then reports as usual), or a transport that is not a plain TCP
+connection (tests' StringTransport).  Bytes always leave in the order they
+were written.
 
 ``close_now`` does the same for ``transport.loseConnection()``: with nothing
-buffered it closes at once (one ``epoll_ctl`` and ``close``) instead of
-watching for writability, waiting a reactor turn and calling ``shutdown``
-before ``close``.
+buffered it sends what is batched and closes at once (one ``epoll_ctl`` and
+``close``) instead of watching for writability, waiting a reactor turn and
+calling ``shutdown`` before ``close``.
+
+It reads and writes Twisted's own write buffer (``dataBuffer``, ``offset``,
+``_tempDataLen`` of ``twisted.internet.abstract.FileDescriptor``); Twisted is
+pinned, and tests/integration/test_sendnow.py checks those attributes still exist.
 """
 
 from __future__ import annotations
@@ -36,17 +45,76 @@ def _nothing_buffered(transport) -> bool:
             and transport.offset == len(transport.dataBuffer))
 
 
+def _twisted_buffer_empty(transport) -> bool:
+    return not transport._tempDataLen and transport.offset == len(transport.dataBuffer)
+
+
+def _send(transport, data: bytes) -> None:
+    """Send ``data`` ahead of anything in Twisted's buffer; what the kernel
+    does not take goes to the front of that buffer."""
+    try:
+        sent = transport.socket.send(data)
+    except OSError:
+        sent = 0        # EAGAIN, or an error the reactor will report on its next turn
+    if sent == len(data):
+        return
+    rest = data[sent:]
+    if _twisted_buffer_empty(transport):
+        transport.write(rest)
+        return
+    # Written after ``data`` was: keep it behind the rest.
+    transport.dataBuffer = rest + transport.dataBuffer[transport.offset:]
+    transport.offset = 0
+    transport.startWriting()
+
+
+class OutputBatch:
+    """Bytes written with ``write_now`` during one reactor turn, by transport,
+    sent by ``flush`` (which relay's reactor calls at the end of each turn)."""
+
+    def __init__(self):
+        self.pending: dict = {}
+
+    def write(self, transport, data: bytes) -> None:
+        chunks = self.pending.get(transport)
+        if chunks is None:
+            if _nothing_buffered(transport):
+                self.pending[transport] = [data]
+            else:
+                transport.write(data)
+        elif _twisted_buffer_empty(transport):
+            chunks.append(data)
+        else:
+            transport.write(data)       # behind what other code wrote since
+
+    def flush(self) -> None:
+        """Send everything batched (a transport closed or aborted meanwhile gets nothing)."""
+        while self.pending:
+            pending, self.pending = self.pending, {}
+            for transport, chunks in pending.items():
+                self._send(transport, chunks)
+
+    def flush_one(self, transport) -> None:
+        chunks = self.pending.pop(transport, None)
+        if chunks is not None:
+            self._send(transport, chunks)
+
+    @staticmethod
+    def _send(transport, chunks: list[bytes]) -> None:
+        if transport.connected and not transport._aborting:
+            _send(transport, chunks[0] if len(chunks) == 1 else b"".join(chunks))
+
+
 def write_now(transport, data: bytes) -> None:
-    """``transport.write(data)``, sent at once when the transport can take it."""
-    if _nothing_buffered(transport):
-        try:
-            sent = transport.socket.send(data)
-        except OSError:
-            sent = 0        # EAGAIN, or an error the reactor will report on its next turn
-        if sent == len(data):
-            return
-        data = data[sent:]
-    transport.write(data)
+    """``transport.write(data)``, sent at the end of this reactor turn on
+    relayd's reactor and at once on others, when the transport can take it."""
+    batch = getattr(getattr(transport, "reactor", None), "output_batch", None)
+    if batch is not None:
+        batch.write(transport, data)
+    elif _nothing_buffered(transport):
+        _send(transport, data)
+    else:
+        transport.write(data)
 
 
 def close_now(transport) -> None:
@@ -58,6 +126,9 @@ def close_now(transport) -> None:
     unnecessary: the descriptor is close-on-exec, so this process holds the
     only copy); ``close`` sends the FIN.
     """
+    batch = getattr(getattr(transport, "reactor", None), "output_batch", None)
+    if batch is not None:
+        batch.flush_one(transport)
     if not _nothing_buffered(transport):
         transport.loseConnection()
         return

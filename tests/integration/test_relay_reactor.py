@@ -1,0 +1,182 @@
+"""relayd's reactor (relay.reactor) on real loopback connections: write_now
+output leaves at the end of the reactor turn, in the order it was written
+(also behind Twisted's own buffer and after a partial send), close_now sends
+what is batched before closing, an abort sends nothing, and an error in a
+protocol drops only its connection.
+
+Each test runs its own RelayReactor instance (not installed as the global
+reactor) in the test's thread; the client is a blocking socket in a thread.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+from twisted.internet import protocol
+
+from relay.reactor import RelayReactor
+from relay.sendnow import close_now, write_now
+
+TIMEOUT = 10.0
+
+
+class Script(protocol.Protocol):
+    """On its first data: runs ``script(self)``; records the batch after it."""
+
+    def __init__(self, script):
+        self.script = script
+        self.batched_after: list[bytes] | None = None
+
+    def dataReceived(self, data):
+        self.script(self)
+        chunks = self.transport.reactor.output_batch.pending.get(self.transport)
+        self.batched_after = list(chunks) if chunks else []
+
+
+def serve(script, client_sends: bytes = b"go\r\n", sndbuf: int | None = None,
+          rcvbuf: int | None = None) -> tuple[bytes, Script, RelayReactor]:
+    """Run a RelayReactor serving one connection with ``script``; the client
+    sends ``client_sends`` and reads until the server closes or TIMEOUT."""
+    reactor = RelayReactor()
+    server = Script(script)
+
+    def build(addr):
+        return server
+
+    factory = protocol.ServerFactory()
+    factory.buildProtocol = build
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    received = bytearray()
+
+    def client():
+        try:
+            with socket.create_connection(("127.0.0.1", port.getHost().port), timeout=TIMEOUT) as s:
+                if rcvbuf:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+                s.sendall(client_sends)
+                while True:
+                    data = s.recv(65536)
+                    if not data:
+                        break
+                    received.extend(data)
+        except OSError:
+            pass
+        finally:
+            reactor.callFromThread(reactor.stop)
+
+    original_connection_made = server.connectionMade
+
+    def connection_made():
+        if sndbuf:
+            server.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+        original_connection_made()
+
+    server.connectionMade = connection_made
+    thread = threading.Thread(target=client, daemon=True)
+    reactor.callWhenRunning(thread.start)
+    reactor.callLater(TIMEOUT, reactor.stop)
+    reactor.run(installSignalHandlers=False)
+    thread.join(TIMEOUT)
+    reactor._poller.close()
+    return bytes(received), server, reactor
+
+
+def test_output_leaves_at_the_end_of_the_turn_in_one_piece():
+    def script(p):
+        write_now(p.transport, b"250-first\r\n")
+        write_now(p.transport, b"250-second\r\n")
+        write_now(p.transport, b"250 third\r\n")
+        close_later(p)
+
+    data, server, reactor = serve(script)
+    assert server.batched_after == [b"250-first\r\n", b"250-second\r\n", b"250 third\r\n"]  # not sent yet
+    assert data == b"250-first\r\n250-second\r\n250 third\r\n"
+    assert reactor.output_batch.pending == {}
+
+
+def close_later(p):
+    """Close after the turn (Twisted's loseConnection), so the batch is sent first."""
+    p.transport.loseConnection()
+
+
+def test_order_is_kept_around_twisteds_own_buffer():
+    def script(p):
+        write_now(p.transport, b"one\r\n")
+        p.transport.write(b"two\r\n")       # Twisted's buffer: after the batch
+        write_now(p.transport, b"three\r\n")   # behind "two", not in the batch
+        close_later(p)
+
+    data, server, _ = serve(script)
+    assert server.batched_after == [b"one\r\n"]
+    assert data == b"one\r\ntwo\r\nthree\r\n"
+
+
+def test_a_partial_send_keeps_its_rest_ahead_of_later_writes():
+    big = bytes(range(256)) * (16 * 1024)      # 4 MiB: far more than the send buffer takes at once
+
+    def script(p):
+        write_now(p.transport, big)
+        p.transport.write(b"after\r\n")
+        close_later(p)
+
+    data, _, _ = serve(script, sndbuf=64 * 1024, rcvbuf=64 * 1024)
+    assert len(data) == len(big) + 7
+    assert data[:len(big)] == big
+    assert data.endswith(b"after\r\n")
+
+
+def test_close_now_sends_the_batch_then_closes():
+    def script(p):
+        write_now(p.transport, b"221 bye\r\n")
+        close_now(p.transport)
+
+    data, server, reactor = serve(script)
+    assert server.batched_after == []           # sent by close_now, not left for the turn's end
+    assert data == b"221 bye\r\n"
+    assert reactor.output_batch.pending == {}
+
+
+def test_nothing_is_sent_after_an_abort():
+    def script(p):
+        write_now(p.transport, b"never\r\n")
+        p.transport.abortConnection()
+
+    data, _, _ = serve(script)
+    assert data == b""
+
+
+def test_an_error_in_a_protocol_drops_only_its_connection():
+    calls = []
+
+    def script(p):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+
+    reactor = RelayReactor()
+    factory = protocol.ServerFactory.forProtocol(lambda: Script(script))
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    results: list[bytes] = []
+
+    def client():
+        try:
+            for _ in range(2):
+                with socket.create_connection(("127.0.0.1", port.getHost().port), timeout=TIMEOUT) as s:
+                    s.sendall(b"x")
+                    s.settimeout(0.5 if results else TIMEOUT)
+                    try:
+                        results.append(s.recv(10))
+                    except socket.timeout:
+                        results.append(b"still open")
+        finally:
+            reactor.callFromThread(reactor.stop)
+
+    thread = threading.Thread(target=client, daemon=True)
+    reactor.callWhenRunning(thread.start)
+    reactor.callLater(TIMEOUT, reactor.stop)
+    reactor.run(installSignalHandlers=False)
+    thread.join(TIMEOUT)
+    reactor._poller.close()
+    assert results == [b"", b"still open"]     # the first was closed; the second was served
+    assert calls == [1, 1]
