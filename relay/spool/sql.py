@@ -585,15 +585,19 @@ def _has_input(connection) -> bool:
 
 
 class _DirectWriter:
-    """``enqueue_claimed`` on one DBAPI connection of its own, without SQLAlchemy.
+    """``enqueue_claimed`` on a DBAPI connection, without SQLAlchemy.
 
     This is relayd's submission path: one commit per group of accepted
     messages, whose latency is the 250 every client waits for.  The statements
     are the same as ``enqueue``'s; what is saved is per-transaction overhead:
 
-    * SQLite: a pooled Connection, its transaction object and reset; the
-      connection stays warm (its page cache is not invalidated by the others'
-      commits more than necessary).
+    * SQLite: SQLAlchemy's Connection and transaction objects.  The DBAPI
+      connection is the pool's most recently used one, as for every other
+      write of this process (writers take turns): SQLite keeps a
+      connection's page cache only while no other connection has written,
+      so sharing one writer connection saves re-reading pages from the WAL
+      at every turn (a connection of its own re-read about five pages per
+      message).
     * PostgreSQL: BEGIN, three statements, COMMIT and the pool's pre-ping
       become ONE statement in autocommit (a data-modifying CTE over
       ``unnest`` arrays): one round trip, then the WAL flush.  The connection
@@ -639,13 +643,13 @@ class _DirectWriter:
                 pass
 
     def _connection(self):
+        """PostgreSQL: this writer's own connection, in autocommit, pinged when it may be stale."""
         raw = self._raw
         if raw is None:
             raw = self._raw = self.spool.engine.raw_connection()
-            if self.spool.dialect == "postgresql":
-                raw.driver_connection.autocommit = True
-        elif self.spool.dialect == "postgresql" and (time.monotonic() - self._last_used > self.IDLE_PING
-                                                     or _has_input(raw.driver_connection)):
+            raw.driver_connection.autocommit = True
+        elif (time.monotonic() - self._last_used > self.IDLE_PING
+              or _has_input(raw.driver_connection)):
             # Idle for a while, or the server said something unasked (it does
             # when it ends the session: a restart, pg_terminate_backend): ping,
             # and on failure reconnect before the statement is sent.
@@ -669,16 +673,22 @@ class _DirectWriter:
         dbapi_error = spool.engine.dialect.loaded_dbapi.Error
         with spool._writer_turn():
             with self._lock:
-                try:
-                    raw = self._connection()
-                    if spool.dialect == "postgresql":
-                        rows = self._postgresql(raw, message_rows, recipient_rows)
-                    else:
+                if spool.dialect == "postgresql":
+                    try:
+                        rows = self._postgresql(self._connection(), message_rows, recipient_rows)
+                        self._last_used = time.monotonic()
+                    except dbapi_error as e:
+                        self._drop()
+                        raise SpoolUnavailable(_sentence(spool.url, e)) from e
+                else:
+                    raw = spool.engine.raw_connection()     # the pool's most recent: see above
+                    try:
                         rows = self._sqlite(raw, message_rows, recipient_rows, [qid for qid, _ in new])
-                    self._last_used = time.monotonic()
-                except dbapi_error as e:
-                    self._drop()
-                    raise SpoolUnavailable(_sentence(spool.url, e)) from e
+                    except dbapi_error as e:
+                        raw.invalidate()
+                        raise SpoolUnavailable(_sentence(spool.url, e)) from e
+                    finally:
+                        raw.close()         # back to the pool (a no-op once invalidated)
         rids = {(mid, pos): rid for rid, mid, pos in rows}
         return [qid for qid, _ in new], _claimed_messages(new, rids, now)
 
