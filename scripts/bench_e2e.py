@@ -73,6 +73,7 @@ from bench_raw_client import (  # noqa: E402
     busy_share,
     free_port,
     machine_busy,
+    steal_seconds,
     process_cpu,
     thread_cpu,
     smtp_sink,
@@ -394,7 +395,7 @@ def measure_throughput(args: argparse.Namespace, port: int, engine, relayd: subp
             "submission_rate": args.messages / (t_source - t_start), "relayd_cpu": relayd_cpu,
             "reactor_cpu": reactor_cpu, "sink_cpu": sink_cpu, "source_cpu": source_cpu, "bench_cpu": self_cpu, "other_cpu": other_cpu,
             "postgres_cpu": pg_cpu,
-            "machine_busy": busy,
+            "machine_busy": busy, "steal": steal_seconds(busy0, busy1),
             "py_spy_command": " ".join(spy_cmd) if args.py_spy else None}
 
 
@@ -581,7 +582,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{1e6 * tp['relayd_cpu'] / tp['messages']:.0f} us a message), smtp-source {tp['source_cpu']:.1f} s, "
               f"smtp-sink {tp['sink_cpu']:.1f} s, this script {tp['bench_cpu']:.1f} s, "
               f"postgres {tp['postgres_cpu']:.1f} s, "
-              f"everything else {tp['other_cpu']:.1f} s; machine {tp['machine_busy']:.0%} busy")
+              f"everything else {tp['other_cpu']:.1f} s; machine {tp['machine_busy']:.0%} busy, "
+              f"{tp['steal']:.1f} s stolen by the hypervisor")
         if tp.get("commits"):
             print(f"  group commit: {tp['commits']:,.0f} listener commits, "
                   f"{tp['committed'] / tp['commits']:.1f} messages a commit")

@@ -85,6 +85,7 @@ from bench_raw_client import (  # noqa: E402
     busy_share,
     free_port,
     machine_busy,
+    steal_seconds,
     process_cpu,
     smtp_sink,
     wait_listening,
@@ -404,7 +405,8 @@ def measure_throughput(args: argparse.Namespace, postfix: PostfixInstance, sink:
             "submission_rate": args.messages / (t_source - t_start), "postfix_cpu": postfix_cpu,
             "postfix_cpu_by_process": by_name, "postfix_cpu_unattributed": unattributed,
             "sink_cpu": sink_cpu, "source_cpu": timed["source_cpu"], "bench_cpu": self_cpu,
-            "other_cpu": other_cpu, "machine_busy": busy_share(busy0, busy1)}
+            "other_cpu": other_cpu, "machine_busy": busy_share(busy0, busy1),
+            "steal": steal_seconds(busy0, busy1)}
 
 
 def stop_system_postfix() -> None:
@@ -489,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
               f"message; by process: {split}, exited unseen {tp['postfix_cpu_unattributed']:.1f}), "
               f"smtp-source {tp['source_cpu']:.1f} s, smtp-sink {tp['sink_cpu']:.1f} s, "
               f"this script {tp['bench_cpu']:.1f} s, everything else {tp['other_cpu']:.1f} s; "
-              f"machine {tp['machine_busy']:.0%} busy")
+              f"machine {tp['machine_busy']:.0%} busy, {tp['steal']:.1f} s stolen by the hypervisor")
     problems = r.get("log_problems", [])
     distinct: dict[str, int] = {}
     for line in problems:

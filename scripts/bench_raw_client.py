@@ -148,20 +148,27 @@ def thread_cpu(pid: int, tid: int) -> float:
     return _stat_cpu(f"/proc/{pid}/task/{tid}/stat")
 
 
-def machine_busy() -> tuple[float, float]:
-    """(busy, total) jiffies of all CPUs, from /proc/stat: busy is user, nice,
-    system, irq and softirq; total adds idle and iowait.  Steal (time the
-    hypervisor gave to others) is neither, and guest time is already in user."""
+def machine_busy() -> tuple[float, float, float]:
+    """(busy, total, steal) jiffies of all CPUs, from /proc/stat: busy is user,
+    nice, system, irq and softirq; total adds idle and iowait.  Steal (time
+    the hypervisor gave to other guests) is neither, and guest time is
+    already in user."""
     with open("/proc/stat") as f:
-        values = [int(v) for v in f.readline().split()[1:8]] + [0] * 7
-    user, nice, system, idle, iowait, irq, softirq = values[:7]
+        values = [int(v) for v in f.readline().split()[1:9]] + [0] * 8
+    user, nice, system, idle, iowait, irq, softirq, steal = values[:8]
     busy = user + nice + system + irq + softirq
-    return busy, busy + idle + iowait
+    return busy, busy + idle + iowait, steal
 
 
-def busy_share(before: tuple[float, float], after: tuple[float, float]) -> float:
+def busy_share(before: tuple[float, ...], after: tuple[float, ...]) -> float:
     busy, total = after[0] - before[0], after[1] - before[1]
     return busy / total if total else float("nan")
+
+
+def steal_seconds(before: tuple[float, ...], after: tuple[float, ...]) -> float:
+    """CPU seconds the hypervisor took from this machine's CPUs in between: a
+    run with much of it ran on a slower machine (every process, not one)."""
+    return (after[2] - before[2]) / os.sysconf("SC_CLK_TCK")
 
 
 # -- the client --------------------------------------------------------------

@@ -79,6 +79,12 @@ def latency(result: dict) -> float | None:
     return lat["median_ms"] if lat else None
 
 
+def stolen(result: dict) -> str:
+    """", 3.2 s stolen" when the hypervisor took CPU time during the run."""
+    steal = (result.get("throughput") or {}).get("steal")
+    return f", {steal:.1f} s stolen" if steal else ""
+
+
 def per_commit(result: dict) -> float | None:
     tp = result.get("throughput") or {}
     return tp["committed"] / tp["commits"] if tp.get("commits") else None
@@ -92,7 +98,7 @@ def report(postfix: list[dict], variants: dict[str, list[dict]]) -> list[str]:
     """The text report: Postfix's runs, then a row per variant with rates, ratios and latencies."""
     rates = [r for r in map(rate, postfix) if r is not None]
     mean = statistics.fmean(rates) if rates else None
-    lines = ["postfix:  " + ", ".join(f"{cell(rate(r), ',.0f')} msgs/s ({cell(latency(r), '.2f')} ms)"
+    lines = ["postfix:  " + ", ".join(f"{cell(rate(r), ',.0f')} msgs/s ({cell(latency(r), '.2f')} ms{stolen(r)})"
                                       for r in postfix)
              + (f"; mean {mean:,.0f} msgs/s" if mean else "")]
     for label, runs in variants.items():
@@ -105,7 +111,7 @@ def report(postfix: list[dict], variants: dict[str, list[dict]]) -> list[str]:
             ratio = f", {x / mean:.2f}x" if mean else ""
             commits = per_commit(r)
             grouped = f", {commits:.1f}/commit" if commits else ""
-            parts.append(f"{x:,.0f} msgs/s{ratio} ({cell(latency(r), '.2f')} ms{grouped})")
+            parts.append(f"{x:,.0f} msgs/s{ratio} ({cell(latency(r), '.2f')} ms{grouped}{stolen(r)})")
         lines.append(f"relayd {label or '(defaults)'}: " + "; ".join(parts))
         for r in runs:
             if "error" in r:
@@ -149,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     def note(what: str, result: dict) -> None:
         if not args.json:
             text = (f"{result['error']}" if "error" in result
-                    else f"{cell(rate(result), ',.0f')} msgs/s, {cell(latency(result), '.2f')} ms")
+                    else f"{cell(rate(result), ',.0f')} msgs/s, {cell(latency(result), '.2f')} ms{stolen(result)}")
             print(f"  {what}: {text}", file=sys.stderr, flush=True)
 
     for n in range(1, args.rounds + 1):
