@@ -82,13 +82,14 @@ class AttemptLines:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Before anything imports twisted.internet.reactor (twisted.mail.smtp does).
+    from relay.reactor import install_unless_installed
+    install_unless_installed()
     from relay.config import load_config
     from relay.tap import build_service, describe, tune_garbage_collector
 
     try:
         config = load_config(args.config)
-        from relay.reactor import install_unless_installed
-        install_unless_installed()
         from twisted.internet import reactor
         attempt_lines = AttemptLines(reactor, format_time=None)
         top = build_service(config, reactor, attempt_log=attempt_lines)

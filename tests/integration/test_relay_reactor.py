@@ -180,3 +180,17 @@ def test_an_error_in_a_protocol_drops_only_its_connection():
     reactor._poller.close()
     assert results == [b"", b"still open"]     # the first was closed; the second was served
     assert calls == [1, 1]
+
+
+def test_relayd_runs_on_relays_reactor(tmp_path):
+    """relayd installs RelayReactor before anything imports Twisted's default
+    reactor (twisted.mail.smtp does, at import)."""
+    import subprocess
+    import sys
+    script = ("import sys\n"
+              "from relay import daemon\n"
+              "code = daemon.main(['--config', sys.argv[1]])\n"
+              "print(code, type(sys.modules['twisted.internet.reactor']).__name__)\n")
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "missing.toml")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["64", "RelayReactor"], out.stderr
