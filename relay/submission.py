@@ -87,6 +87,7 @@ from zope.interface import implementer
 from relay.config import Config, check_tls_pair, parse_hostport
 from relay.errors import BadMessage, ConfigError, RelayError, SpoolUnavailable
 from relay.message import parse_submitted, validate_address, validate_sender
+from relay.spool.engine import is_sqlite
 from relay.model import NewMessage
 from relay.sendnow import close_now, write_now
 
@@ -157,10 +158,13 @@ class GroupCommitter:
     """Commits accepted messages to the spool, many sessions per transaction.
 
     ``submit`` returns a Deferred that fires with the queue id once the
-    message is committed (or fails with the spool's error).  When no commit
-    is running a message is committed at once; messages submitted while one
-    runs are taken together by the next (at most ``max_batch`` messages /
-    ``max_batch_bytes``), so there is never more than one commit in flight.
+    message is committed (or fails with the spool's error).  While fewer than
+    ``max_in_flight`` commits run a message is committed at once; messages
+    submitted while the limit is reached are taken together by the next
+    commit (at most ``max_batch`` messages / ``max_batch_bytes``).  SQLite
+    has one writer, so relayd allows one commit in flight there; PostgreSQL
+    commits concurrently (and merges their WAL flushes), so relayd allows two:
+    the next group starts while the previous one waits for its flush.
 
     ``commit_delay`` (seconds, 0 = off) is PostgreSQL's ``commit_delay`` with
     ``commit_siblings`` for sessions: when a commit could start but
@@ -174,7 +178,8 @@ class GroupCommitter:
 
     def __init__(self, spool, clock, *, on_committed: Callable[[int, bool], None] = lambda n, handed_off: None,
                  handoff=None, max_batch: int = MAX_BATCH, max_batch_bytes: int = MAX_BATCH_BYTES,
-                 commit_delay: float = 0.0, siblings: Callable[[], bool] = lambda: False):
+                 commit_delay: float = 0.0, siblings: Callable[[], bool] = lambda: False,
+                 max_in_flight: int = 1):
         self._spool = spool
         self._clock = clock
         self._on_committed = on_committed
@@ -190,12 +195,19 @@ class GroupCommitter:
         self._held_back = None
         self._pending_bytes = 0
         self._pending: deque[tuple[NewMessage, defer.Deferred]] = deque()
-        self._inflight = False
+        self._max_in_flight = max_in_flight
+        #: Commits running now.
+        self._inflight = 0
         self._idle: list[defer.Deferred] = []
         #: Commits (spool transactions) started so far.
         self.commits = 0
         #: Messages committed so far (``messages / commits`` is the group size).
         self.messages = 0
+
+    @property
+    def max_in_flight(self) -> int:
+        """How many commits may run at once."""
+        return self._max_in_flight
 
     def submit(self, message: NewMessage) -> "defer.Deferred[str]":
         d: defer.Deferred = defer.Deferred()
@@ -236,7 +248,7 @@ class GroupCommitter:
                 d.callback(None)
 
     def _next(self) -> None:
-        if self._inflight or not self._pending:
+        if self._inflight >= self._max_in_flight or not self._pending:
             return
         if (self._commit_delay and len(self._pending) < self._max_batch
                 and self._pending_bytes < self._max_bytes and self._siblings()):
@@ -253,7 +265,7 @@ class GroupCommitter:
 
     def _delay_over(self) -> None:
         self._held_back = None
-        if not self._inflight and self._pending:
+        if self._inflight < self._max_in_flight and self._pending:
             self._start()
 
     def _start(self) -> None:
@@ -266,7 +278,7 @@ class GroupCommitter:
             batch.append(self._pending.popleft())
             self._pending_bytes -= message.size
             size += message.size
-        self._inflight = True
+        self._inflight += 1
         self.commits += 1
         self.messages += len(batch)
         messages = [m for m, _ in batch]
@@ -281,7 +293,7 @@ class GroupCommitter:
         d.addBoth(self._done, batch)
 
     def _done(self, result, batch: list[tuple[NewMessage, defer.Deferred]]) -> None:
-        self._inflight = False
+        self._inflight -= 1
         # Start the next commit (the messages that arrived meanwhile) before
         # answering this one's sessions.
         self._next()
@@ -304,6 +316,12 @@ class GroupCommitter:
                 log.failure("after-commit hook failed")
         self._check_idle()
         return None
+
+
+def commits_in_flight(spool_url: str) -> int:
+    """How many listener commits may run at once: 1 on SQLite (one writer at
+    a time), 2 on PostgreSQL (see GroupCommitter)."""
+    return 1 if is_sqlite(spool_url) else 2
 
 
 def mid_transaction(transactions: set) -> bool:
@@ -1241,7 +1259,8 @@ def build_submission_service(config: Config, spool, reactor, *,
 
     transactions: set = set()
     committer = GroupCommitter(spool, reactor, on_committed=committed, handoff=handoff,
-                               commit_delay=config.commit_delay, siblings=lambda: mid_transaction(transactions))
+                               commit_delay=config.commit_delay, siblings=lambda: mid_transaction(transactions),
+                               max_in_flight=commits_in_flight(config.spool_url))
     settings = _Settings(hostname=config.hostname, max_size=config.max_message_size, committer=committer,
                          requires_auth=bool(config.submission_users), tls=tls, transactions=transactions)
     portal = None

@@ -604,8 +604,10 @@ class _DirectWriter:
       is pinged only after an idle spell (a restarted server is noticed before
       the statement is sent, so nothing is ever sent twice).
 
-    Callers serialise (relayd's GroupCommitter has one commit in flight); a
-    lock makes that a guarantee.
+    Commits may run concurrently (relayd's GroupCommitter has up to two in
+    flight on PostgreSQL): each PostgreSQL commit takes an idle connection of
+    the writer's own, opening one when none is idle; SQLite's writers take
+    turns (``_writer_turn``).
     """
 
     #: PostgreSQL: ping a connection unused for this long before using it.
@@ -614,8 +616,8 @@ class _DirectWriter:
     def __init__(self, spool: SQLSpool):
         self.spool = spool
         self._lock = threading.Lock()
-        self._raw = None
-        self._last_used = 0.0
+        #: PostgreSQL: idle connections, with when each was last used.
+        self._idle: list[tuple[object, float]] = []
         quote = spool.engine.dialect.identifier_preparer.quote
         self._messages, self._recipients = quote(M.name), quote(R.name)
         if spool.dialect == "postgresql":
@@ -632,33 +634,39 @@ class _DirectWriter:
 
     def close(self) -> None:
         with self._lock:
-            self._drop()
+            idle, self._idle = self._idle, []
+        for raw, _ in idle:
+            self._drop(raw)
 
-    def _drop(self) -> None:
-        raw, self._raw = self._raw, None
-        if raw is not None:
-            try:
-                raw.invalidate()
-            except Exception:  # noqa: BLE001 - closing a broken connection
-                pass
+    @staticmethod
+    def _drop(raw) -> None:
+        try:
+            raw.invalidate()
+        except Exception:  # noqa: BLE001 - closing a broken connection
+            pass
 
-    def _connection(self):
-        """PostgreSQL: this writer's own connection, in autocommit, pinged when it may be stale."""
-        raw = self._raw
+    def _checkout(self):
+        """PostgreSQL: an idle writer connection (or a new one), in
+        autocommit, pinged first when it may be stale."""
+        with self._lock:
+            raw, last_used = self._idle.pop() if self._idle else (None, 0.0)
         if raw is None:
-            raw = self._raw = self.spool.engine.raw_connection()
+            raw = self.spool.engine.raw_connection()
             raw.driver_connection.autocommit = True
-        elif (time.monotonic() - self._last_used > self.IDLE_PING
-              or _has_input(raw.driver_connection)):
+        elif time.monotonic() - last_used > self.IDLE_PING or _has_input(raw.driver_connection):
             # Idle for a while, or the server said something unasked (it does
             # when it ends the session: a restart, pg_terminate_backend): ping,
             # and on failure reconnect before the statement is sent.
             try:
                 raw.driver_connection.execute("SELECT 1")
             except Exception:  # noqa: BLE001 - any failure: reconnect
-                self._drop()
-                return self._connection()
+                self._drop(raw)
+                return self._checkout()
         return raw
+
+    def _checkin(self, raw) -> None:
+        with self._lock:
+            self._idle.append((raw, time.monotonic()))
 
     def enqueue_claimed(self, messages: Sequence[NewMessage], now: float, node: str,
                         expires: float) -> tuple[list[str], list[ClaimedMessage]]:
@@ -671,24 +679,26 @@ class _DirectWriter:
         recipient_rows = [row for qid, m in new
                           for row in _recipient_rows(qid, m, now, inflight, expires, node, expires)]
         dbapi_error = spool.engine.dialect.loaded_dbapi.Error
-        with spool._writer_turn():
-            with self._lock:
-                if spool.dialect == "postgresql":
-                    try:
-                        rows = self._postgresql(self._connection(), message_rows, recipient_rows)
-                        self._last_used = time.monotonic()
-                    except dbapi_error as e:
-                        self._drop()
-                        raise SpoolUnavailable(_sentence(spool.url, e)) from e
-                else:
-                    raw = spool.engine.raw_connection()     # the pool's most recent: see above
-                    try:
-                        rows = self._sqlite(raw, message_rows, recipient_rows, [qid for qid, _ in new])
-                    except dbapi_error as e:
-                        raw.invalidate()
-                        raise SpoolUnavailable(_sentence(spool.url, e)) from e
-                    finally:
-                        raw.close()         # back to the pool (a no-op once invalidated)
+        if spool.dialect == "postgresql":
+            raw = None
+            try:
+                raw = self._checkout()
+                rows = self._postgresql(raw, message_rows, recipient_rows)
+            except dbapi_error as e:
+                if raw is not None:
+                    self._drop(raw)
+                raise SpoolUnavailable(_sentence(spool.url, e)) from e
+            self._checkin(raw)
+        else:
+            with spool._writer_turn():
+                raw = spool.engine.raw_connection()     # the pool's most recent: see above
+                try:
+                    rows = self._sqlite(raw, message_rows, recipient_rows, [qid for qid, _ in new])
+                except dbapi_error as e:
+                    raw.invalidate()
+                    raise SpoolUnavailable(_sentence(spool.url, e)) from e
+                finally:
+                    raw.close()         # back to the pool (a no-op once invalidated)
         rids = {(mid, pos): rid for rid, mid, pos in rows}
         return [qid for qid, _ in new], _claimed_messages(new, rids, now)
 

@@ -967,19 +967,21 @@ def test_enqueue_claimed_after_the_server_ended_the_connection(pg_url):
     spool = open_spool(pg_url)
     try:
         spool.enqueue_claimed([new_message("a@example.org")], T0, "node-a", LEASE)
-        backend = spool._direct._raw.driver_connection.info.backend_pid
+        (raw, _), = spool._direct._idle             # the one connection it used
+        backend = raw.driver_connection.info.backend_pid
         server = make_url(pg_url).set(drivername="postgresql", query={})
         with psycopg.connect(server.render_as_string(hide_password=False), autocommit=True) as admin:
             admin.execute("SELECT pg_terminate_backend(%s)", (backend,))
         for _ in range(1000):       # the server's goodbye reaches the old connection
-            if spool_sql._has_input(spool._direct._raw.driver_connection):
+            if spool_sql._has_input(raw.driver_connection):
                 break
             threading.Event().wait(0.01)
         else:
             pytest.fail("the terminated backend's connection never became readable within 10 s")
         ids, claimed = spool.enqueue_claimed([new_message("b@example.org")], T0 + 1, "node-a", LEASE)
         assert len(claimed) == 1 and spool.status(T0 + 1).recipients["inflight"] == 2
-        assert spool._direct._raw.driver_connection.info.backend_pid != backend
+        (raw, _), = spool._direct._idle
+        assert raw.driver_connection.info.backend_pid != backend
     finally:
         spool.close()
 

@@ -1,4 +1,4 @@
-"""GroupCommitter: one commit in flight, the rest batched; with a hand-off
+"""GroupCommitter: up to max_in_flight commits running (1 unless told), the rest batched; with a hand-off
 (relayd's drain), batches are queued already claimed and handed over after the
 250s, and the drain is not woken for them."""
 
@@ -228,3 +228,50 @@ def test_without_commit_delay_siblings_are_not_asked():
     spool = Spool()
     GroupCommitter(spool, task.Clock(), siblings=siblings).submit(message(1))
     assert spool.calls == [("enqueue", 1)] and siblings.asked == 0
+
+
+# -- max_in_flight: concurrent commits (PostgreSQL) ---------------------------
+
+def test_a_second_commit_starts_while_the_first_runs_up_to_the_limit():
+    spool = Spool()
+    committer = GroupCommitter(spool, task.Clock(), max_in_flight=2)
+    replies: list[str] = []
+    committer.submit(message(1)).addCallback(replies.append)
+    committer.submit(message(2)).addCallback(replies.append)       # starts at once: one commit runs
+    for n in (3, 4):
+        committer.submit(message(n)).addCallback(replies.append)   # wait: two run
+    assert spool.calls == [("enqueue", 1), ("enqueue", 1)]
+    idle = committer.idle()
+    spool.commit()                                                  # the first: the waiting two go together
+    assert spool.calls[2:] == [("enqueue", 2)]
+    spool.commit()
+    spool.commit()
+    assert replies == ["Q0", "Q0", "Q0", "Q1"] and idle.called
+    assert (committer.commits, committer.messages) == (3, 4)
+
+
+def test_one_commit_in_flight_by_default():
+    spool = Spool()
+    committer = GroupCommitter(spool, task.Clock())
+    committer.submit(message(1))
+    committer.submit(message(2))
+    assert spool.calls == [("enqueue", 1)]
+
+
+def test_idle_waits_for_every_commit_in_flight():
+    spool = Spool()
+    committer = GroupCommitter(spool, task.Clock(), max_in_flight=2)
+    committer.submit(message(1))
+    failed = committer.submit(message(2))
+    failed.addErrback(lambda f: f.trap(SpoolUnavailable))
+    idle = committer.idle()
+    spool.commit()
+    assert not idle.called
+    spool.commit(fail=True)
+    assert idle.called
+
+
+def test_listener_commits_in_flight_by_spool():
+    from relay.submission import commits_in_flight
+    assert commits_in_flight("sqlite:////var/lib/relay/spool.db") == 1
+    assert commits_in_flight("postgresql+psycopg://relay@db/relay") == 2
