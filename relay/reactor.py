@@ -60,7 +60,9 @@ class RelayReactor(epollreactor.EPollReactor):
             if selectable is not None:
                 try:
                     handle(selectable, fd, event)
-                except Exception:   # noqa: BLE001 - as log.callWithLogger: log and go on
+                except KeyboardInterrupt:
+                    raise
+                except BaseException:   # noqa: BLE001 - as log.callWithLogger: log and go on
                     log.failure("Unhandled error handling an event on {selectable!r}", selectable=selectable)
         if batch.pending:
             batch.flush()
@@ -68,7 +70,10 @@ class RelayReactor(epollreactor.EPollReactor):
     doIteration = doPoll
 
     def disconnectAll(self):
-        self.output_batch.flush()
+        try:
+            self.output_batch.flush()
+        except Exception:  # noqa: BLE001 - disconnect all the same
+            log.failure("sending the last replies failed")
         return super().disconnectAll()
 
 

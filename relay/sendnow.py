@@ -32,8 +32,11 @@ pinned, and tests/integration/test_sendnow.py checks those attributes still exis
 
 from __future__ import annotations
 
-from twisted.internet import main, tcp
+from twisted.internet import abstract, main, tcp
+from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+log = Logger()
 
 _PLAIN_TCP = (tcp.Server, tcp.Client)
 
@@ -51,7 +54,8 @@ def _twisted_buffer_empty(transport) -> bool:
 
 def _send(transport, data: bytes) -> None:
     """Send ``data`` ahead of anything in Twisted's buffer; what the kernel
-    does not take goes to the front of that buffer."""
+    does not take goes to the front of that buffer, as it is (``data`` was
+    written before any STARTTLS, so it never goes through TLS)."""
     try:
         sent = transport.socket.send(data)
     except OSError:
@@ -60,7 +64,7 @@ def _send(transport, data: bytes) -> None:
         return
     rest = data[sent:]
     if _twisted_buffer_empty(transport):
-        transport.write(rest)
+        abstract.FileDescriptor.write(transport, rest)      # not TLS's write, if TLS started since
         return
     # Written after ``data`` was: keep it behind the rest.
     transport.dataBuffer = rest + transport.dataBuffer[transport.offset:]
@@ -82,17 +86,21 @@ class OutputBatch:
                 self.pending[transport] = [data]
             else:
                 transport.write(data)
-        elif _twisted_buffer_empty(transport):
+        elif _twisted_buffer_empty(transport) and not transport.TLS:
             chunks.append(data)
         else:
-            transport.write(data)       # behind what other code wrote since
+            transport.write(data)       # behind what other code wrote since, or through TLS
 
     def flush(self) -> None:
-        """Send everything batched (a transport closed or aborted meanwhile gets nothing)."""
+        """Send everything batched (a transport closed or aborted meanwhile
+        gets nothing; one that fails does not keep the others' bytes back)."""
         while self.pending:
             pending, self.pending = self.pending, {}
             for transport, chunks in pending.items():
-                self._send(transport, chunks)
+                try:
+                    self._send(transport, chunks)
+                except Exception:  # noqa: BLE001 - log it, send the others' replies
+                    log.failure("sending to {transport!r} failed", transport=transport)
 
     def flush_one(self, transport) -> None:
         chunks = self.pending.pop(transport, None)
@@ -117,6 +125,13 @@ def write_now(transport, data: bytes) -> None:
         transport.write(data)
 
 
+def flush_now(transport) -> None:
+    """Send what ``write_now`` batched for ``transport`` now (before STARTTLS)."""
+    batch = getattr(getattr(transport, "reactor", None), "output_batch", None)
+    if batch is not None:
+        batch.flush_one(transport)
+
+
 def close_now(transport) -> None:
     """``transport.loseConnection()``, closed at once when nothing is left to send.
 
@@ -126,9 +141,7 @@ def close_now(transport) -> None:
     unnecessary: the descriptor is close-on-exec, so this process holds the
     only copy); ``close`` sends the FIN.
     """
-    batch = getattr(getattr(transport, "reactor", None), "output_batch", None)
-    if batch is not None:
-        batch.flush_one(transport)
+    flush_now(transport)
     if not _nothing_buffered(transport):
         transport.loseConnection()
         return

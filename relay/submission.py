@@ -89,7 +89,7 @@ from relay.errors import BadMessage, ConfigError, RelayError, SpoolUnavailable
 from relay.message import parse_submitted, validate_address, validate_sender
 from relay.spool.engine import is_sqlite
 from relay.model import NewMessage
-from relay.sendnow import close_now, write_now
+from relay.sendnow import close_now, flush_now, write_now
 
 log = Logger(namespace="relay.submission")
 
@@ -1006,6 +1006,7 @@ class SubmissionProtocol(smtp.ESMTP):
         self._held.clear()
         self._held_bytes = 0
         self._new_session()
+        flush_now(self.transport)       # the 220 in plaintext, before TLS starts
         self.transport.startTLS(self.ctx)
         self.startedTLS = True
 

@@ -618,6 +618,7 @@ class _DirectWriter:
         self._lock = threading.Lock()
         #: PostgreSQL: idle connections, with when each was last used.
         self._idle: list[tuple[object, float]] = []
+        self._closed = False
         quote = spool.engine.dialect.identifier_preparer.quote
         self._messages, self._recipients = quote(M.name), quote(R.name)
         if spool.dialect == "postgresql":
@@ -634,6 +635,7 @@ class _DirectWriter:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             idle, self._idle = self._idle, []
         for raw, _ in idle:
             self._drop(raw)
@@ -666,7 +668,10 @@ class _DirectWriter:
 
     def _checkin(self, raw) -> None:
         with self._lock:
-            self._idle.append((raw, time.monotonic()))
+            if not self._closed:
+                self._idle.append((raw, time.monotonic()))
+                return
+        self._drop(raw)         # a commit that ended after close()
 
     def enqueue_claimed(self, messages: Sequence[NewMessage], now: float, node: str,
                         expires: float) -> tuple[list[str], list[ClaimedMessage]]:
@@ -684,10 +689,12 @@ class _DirectWriter:
             try:
                 raw = self._checkout()
                 rows = self._postgresql(raw, message_rows, recipient_rows)
-            except dbapi_error as e:
+            except BaseException as e:
                 if raw is not None:
-                    self._drop(raw)
-                raise SpoolUnavailable(_sentence(spool.url, e)) from e
+                    self._drop(raw)     # never back to the free list after a failure
+                if isinstance(e, dbapi_error):
+                    raise SpoolUnavailable(_sentence(spool.url, e)) from e
+                raise
             self._checkin(raw)
         else:
             with spool._writer_turn():

@@ -1,8 +1,10 @@
 """relayd's reactor (relay.reactor) on real loopback connections: write_now
-output leaves at the end of the reactor turn, in the order it was written
-(also behind Twisted's own buffer and after a partial send), close_now sends
+output leaves at the end of the reactor turn (or before the reactor waits,
+when written by a timed call), in the order it was written (also behind
+Twisted's own buffer, after a partial send, and around STARTTLS: what was
+batched before it goes in plaintext, nothing after it does), close_now sends
 what is batched before closing, an abort sends nothing, and an error in a
-protocol drops only its connection.
+protocol is logged and drops only its connection.
 
 Each test runs its own RelayReactor instance (not installed as the global
 reactor) in the test's thread; the client is a blocking socket in a thread.
@@ -13,7 +15,8 @@ from __future__ import annotations
 import socket
 import threading
 
-from twisted.internet import protocol
+from twisted.internet import protocol, ssl
+from twisted.logger import globalLogPublisher
 
 from relay.reactor import RelayReactor
 from relay.sendnow import close_now, write_now
@@ -35,9 +38,10 @@ class Script(protocol.Protocol):
 
 
 def serve(script, client_sends: bytes = b"go\r\n", sndbuf: int | None = None,
-          rcvbuf: int | None = None) -> tuple[bytes, Script, RelayReactor]:
+          rcvbuf: int | None = None, quiet_after: float | None = None) -> tuple[bytes, Script, RelayReactor]:
     """Run a RelayReactor serving one connection with ``script``; the client
-    sends ``client_sends`` and reads until the server closes or TIMEOUT."""
+    sends ``client_sends`` and reads until the server closes, TIMEOUT, or
+    (``quiet_after``) that many seconds without data."""
     reactor = RelayReactor()
     server = Script(script)
 
@@ -55,8 +59,13 @@ def serve(script, client_sends: bytes = b"go\r\n", sndbuf: int | None = None,
                 if rcvbuf:
                     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
                 s.sendall(client_sends)
+                if quiet_after:
+                    s.settimeout(quiet_after)
                 while True:
-                    data = s.recv(65536)
+                    try:
+                        data = s.recv(65536)
+                    except socket.timeout:
+                        break
                     if not data:
                         break
                     received.extend(data)
@@ -194,3 +203,85 @@ def test_relayd_runs_on_relays_reactor(tmp_path):
     out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "missing.toml")],
                          capture_output=True, text=True, timeout=60)
     assert out.stdout.split() == ["64", "RelayReactor"], out.stderr
+
+
+def tls_options(tmp_path) -> ssl.CertificateOptions:
+    from test_submission import write_self_signed
+    cert, key = write_self_signed(str(tmp_path))
+    with open(cert, "rb") as c, open(key, "rb") as k:
+        return ssl.PrivateCertificate.loadPEM(c.read() + k.read()).options()
+
+
+def test_nothing_written_after_starttls_goes_out_in_plaintext(tmp_path):
+    options = tls_options(tmp_path)
+
+    def script(p):
+        write_now(p.transport, b"220 go\r\n")
+        p.transport.startTLS(options)
+        write_now(p.transport, b"500 under TLS\r\n")    # for the TLS layer, after a handshake
+
+    data, _, _ = serve(script, quiet_after=1.0)
+    assert data == b"220 go\r\n"
+
+
+def test_what_was_batched_before_starttls_goes_out_in_plaintext_whole(tmp_path):
+    options = tls_options(tmp_path)
+    big = bytes(range(256)) * (16 * 1024)      # the kernel takes only part at the end of the turn
+
+    def script(p):
+        write_now(p.transport, big)
+        p.transport.startTLS(options)
+
+    data, _, _ = serve(script, sndbuf=64 * 1024, rcvbuf=64 * 1024, quiet_after=2.0)
+    assert data == big
+
+
+def test_output_of_a_timed_call_leaves_before_the_reactor_waits():
+    def script(p):
+        def later():
+            write_now(p.transport, b"250 later\r\n")
+            close_later(p)
+        p.transport.reactor.callLater(0, later)
+
+    data, _, _ = serve(script, quiet_after=2.0)
+    assert data == b"250 later\r\n"
+
+
+def test_an_error_while_disconnecting_is_logged_and_the_reactor_goes_on():
+    """An exception from connectionLost (after the client hung up) is logged
+    by the reactor's dispatch, and the next client is served."""
+    class Failing(protocol.Protocol):
+        def dataReceived(self, data):
+            write_now(self.transport, data)
+
+        def connectionLost(self, reason):
+            raise RuntimeError("boom in connectionLost")
+
+    reactor = RelayReactor()
+    port = reactor.listenTCP(0, protocol.ServerFactory.forProtocol(Failing), interface="127.0.0.1")
+    logged: list[dict] = []
+    globalLogPublisher.addObserver(logged.append)
+    echoed: list[bytes] = []
+
+    def client():
+        try:
+            for n in range(2):
+                with socket.create_connection(("127.0.0.1", port.getHost().port), timeout=TIMEOUT) as c:
+                    c.sendall(b"ping%d" % n)
+                    echoed.append(c.recv(10))
+        finally:
+            reactor.callFromThread(reactor.callLater, 0.2, reactor.stop)   # after the second hang-up
+
+    thread = threading.Thread(target=client, daemon=True)
+    reactor.callWhenRunning(thread.start)
+    reactor.callLater(TIMEOUT, reactor.stop)
+    try:
+        reactor.run(installSignalHandlers=False)
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+        thread.join(TIMEOUT)
+        reactor._poller.close()
+    assert echoed == [b"ping0", b"ping1"]
+    ours = [e for e in logged if "Unhandled error handling an event" in e.get("log_format", "")]
+    assert len(ours) == 2
+    assert all("boom in connectionLost" in str(e["log_failure"].value) for e in ours)

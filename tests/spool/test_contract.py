@@ -986,6 +986,33 @@ def test_enqueue_claimed_after_the_server_ended_the_connection(pg_url):
         spool.close()
 
 
+def test_enqueue_claimed_failing_otherwise_gives_its_connection_back(pg_url, monkeypatch):
+    """PostgreSQL: a commit that fails with something other than a database
+    error (a bug, say) closes its connection: it is neither reused nor left
+    checked out."""
+    spool = open_spool(pg_url)
+    try:
+        spool.enqueue_claimed([new_message("a@example.org")], T0, "node-a", LEASE)
+        (raw, _), = spool._direct._idle
+        backend = raw.driver_connection.info.backend_pid
+        del raw
+
+        def broken(raw, message_rows, recipient_rows):
+            raise TypeError("not a database error")
+
+        monkeypatch.setattr(spool._direct, "_postgresql", broken)
+        with pytest.raises(TypeError):
+            spool.enqueue_claimed([new_message("b@example.org")], T0 + 1, "node-a", LEASE)
+        assert spool.engine.pool.checkedout() == 0 and spool._direct._idle == []
+        monkeypatch.undo()
+        spool.enqueue_claimed([new_message("c@example.org")], T0 + 2, "node-a", LEASE)
+        assert spool.status(T0 + 2).recipients["inflight"] == 2
+        (raw, _), = spool._direct._idle
+        assert raw.driver_connection.info.backend_pid != backend     # a new connection, not the failed one
+    finally:
+        spool.close()
+
+
 def test_enqueue_claimed_ids_match_the_rows_of_a_large_batch(spool):
     """Hundreds of recipients in one batch: every claimed id is the row of
     that message's recipient at that position."""
