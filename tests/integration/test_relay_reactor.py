@@ -37,6 +37,19 @@ class Script(protocol.Protocol):
         self.batched_after = list(chunks) if chunks else []
 
 
+def run_with_client(reactor: RelayReactor, client) -> None:
+    """Run ``reactor`` while ``client`` runs in a thread (it stops the
+    reactor when done; TIMEOUT bounds both), then close the reactor's poller."""
+    thread = threading.Thread(target=client, daemon=True)
+    reactor.callWhenRunning(thread.start)
+    reactor.callLater(TIMEOUT, reactor.stop)
+    try:
+        reactor.run(installSignalHandlers=False)
+    finally:
+        thread.join(TIMEOUT)
+        reactor._poller.close()
+
+
 def serve(script, client_sends: bytes = b"go\r\n", sndbuf: int | None = None,
           rcvbuf: int | None = None, quiet_after: float | None = None) -> tuple[bytes, Script, RelayReactor]:
     """Run a RelayReactor serving one connection with ``script``; the client
@@ -82,12 +95,7 @@ def serve(script, client_sends: bytes = b"go\r\n", sndbuf: int | None = None,
         original_connection_made()
 
     server.connectionMade = connection_made
-    thread = threading.Thread(target=client, daemon=True)
-    reactor.callWhenRunning(thread.start)
-    reactor.callLater(TIMEOUT, reactor.stop)
-    reactor.run(installSignalHandlers=False)
-    thread.join(TIMEOUT)
-    reactor._poller.close()
+    run_with_client(reactor, client)
     return bytes(received), server, reactor
 
 
@@ -181,12 +189,7 @@ def test_an_error_in_a_protocol_drops_only_its_connection():
         finally:
             reactor.callFromThread(reactor.stop)
 
-    thread = threading.Thread(target=client, daemon=True)
-    reactor.callWhenRunning(thread.start)
-    reactor.callLater(TIMEOUT, reactor.stop)
-    reactor.run(installSignalHandlers=False)
-    thread.join(TIMEOUT)
-    reactor._poller.close()
+    run_with_client(reactor, client)
     assert results == [b"", b"still open"]     # the first was closed; the second was served
     assert calls == [1, 1]
 
@@ -272,15 +275,10 @@ def test_an_error_while_disconnecting_is_logged_and_the_reactor_goes_on():
         finally:
             reactor.callFromThread(reactor.callLater, 0.2, reactor.stop)   # after the second hang-up
 
-    thread = threading.Thread(target=client, daemon=True)
-    reactor.callWhenRunning(thread.start)
-    reactor.callLater(TIMEOUT, reactor.stop)
     try:
-        reactor.run(installSignalHandlers=False)
+        run_with_client(reactor, client)
     finally:
         globalLogPublisher.removeObserver(logged.append)
-        thread.join(TIMEOUT)
-        reactor._poller.close()
     assert echoed == [b"ping0", b"ping1"]
     ours = [e for e in logged if "Unhandled error handling an event" in e.get("log_format", "")]
     assert len(ours) == 2
