@@ -104,8 +104,8 @@ class DrainService(service.Service):
         self.shutdown_timeout = shutdown_timeout
         self.flush_delay = flush_delay
         #: How long a connection stays open, idle, when its destination's queue
-        #: is empty (0: QUIT at once).  New mail for the
-        #: destination goes to such a connection before any new one is opened.
+        #: is empty (0: QUIT at once).  New mail for the destination goes to
+        #: such a connection before any new one is opened.
         self.linger = linger
         #: While deliveries are under way, a wake-up (new mail) claims after at most
         #: this delay instead of at once, so that a stream of small commits becomes

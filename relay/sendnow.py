@@ -14,8 +14,8 @@ transports do):
   served by one process, say) are woken together instead of one at a time;
 - on any other reactor (tests, ``twistd``) they are sent at once.
 
-It falls back to ``transport.write`` for everything else: a TLS connection,
-data already waiting in Twisted's buffer, a partial send, an error (which the
+It falls back to Twisted's buffer for everything else: a TLS connection,
+data already waiting there, the rest of a partial send, an error (which the
 reactor then reports as usual), or a transport that is not a plain TCP
 connection (tests' StringTransport).  Bytes always leave in the order they
 were written.
@@ -41,15 +41,14 @@ log = Logger()
 _PLAIN_TCP = (tcp.Server, tcp.Client)
 
 
+def _twisted_buffer_empty(transport) -> bool:
+    return not transport._tempDataLen and transport.offset == len(transport.dataBuffer)
+
+
 def _nothing_buffered(transport) -> bool:
     """A connected plain TCP transport with an empty write buffer."""
     return (type(transport) in _PLAIN_TCP and not transport.TLS and transport.connected
-            and not transport.disconnecting and not transport._aborting and not transport._tempDataLen
-            and transport.offset == len(transport.dataBuffer))
-
-
-def _twisted_buffer_empty(transport) -> bool:
-    return not transport._tempDataLen and transport.offset == len(transport.dataBuffer)
+            and not transport.disconnecting and not transport._aborting and _twisted_buffer_empty(transport))
 
 
 def _send(transport, data: bytes) -> None:

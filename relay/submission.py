@@ -38,9 +38,9 @@ per connection, or one per login when ``submission.users`` is set) and one
   client that has not started TLS is not offered AUTH and gets 530 5.7.0 for
   AUTH and MAIL; loopback clients are served as without TLS.
 * 250 after DATA only once the message is committed.  Messages that finish
-  DATA while a commit is running wait for the next one, which takes them all
-  in ONE ``spool.enqueue`` transaction (:class:`GroupCommitter`); at most one
-  commit is in flight.  A commit that could start while another session is
+  DATA while commits are running wait for the next one, which takes them all
+  in ONE ``spool.enqueue`` transaction (:class:`GroupCommitter`); one commit
+  is in flight at a time on SQLite, two on PostgreSQL.  A commit that could start while another session is
   mid-transaction (:func:`mid_transaction`) waits for that session's message
   up to ``submission.commit_delay``.  Spool trouble -> 451 4.3.0 (452 4.3.1
   when full).
@@ -87,9 +87,9 @@ from zope.interface import implementer
 from relay.config import Config, check_tls_pair, parse_hostport
 from relay.errors import BadMessage, ConfigError, RelayError, SpoolUnavailable
 from relay.message import parse_submitted, validate_address, validate_sender
-from relay.spool.engine import is_sqlite
 from relay.model import NewMessage
 from relay.sendnow import close_now, flush_now, write_now
+from relay.spool.engine import is_sqlite
 
 log = Logger(namespace="relay.submission")
 
@@ -616,8 +616,8 @@ class SubmissionProtocol(smtp.ESMTP):
         return d
 
     def sendCode(self, code, message=b""):
-        """A reply, in one write sent at once (Twisted's writes each line and
-        sends at the next reactor turn)."""
+        """A reply, in one write (Twisted's writes each line), with
+        ``write_now`` (see relay/sendnow.py)."""
         key = (code, message)
         reply = _REPLIES.get(key)
         if reply is None:
