@@ -80,9 +80,10 @@ def latency(result: dict) -> float | None:
 
 
 def stolen(result: dict) -> str:
-    """", 3.2 s stolen" when the hypervisor took CPU time during the run."""
+    """", 3.2 s stolen": the CPU time the hypervisor took during the run
+    (also when none: "0.0 s"); empty when the run did not measure it."""
     steal = (result.get("throughput") or {}).get("steal")
-    return f", {steal:.1f} s stolen" if steal else ""
+    return f", {steal:.1f} s stolen" if steal is not None else ""
 
 
 def per_commit(result: dict) -> float | None:
