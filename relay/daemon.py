@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
     reactor.run()
     attempt_lines.flush()
+    if top.start_error is not None:     # logged when it happened
+        return top.start_error.exit_code
     return 0
 
 

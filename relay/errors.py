@@ -45,6 +45,12 @@ class UnknownMessage(RelayError):
     exit_code = 1
 
 
+class CannotListen(RelayError):
+    """A configured listening address is in use or cannot be bound."""
+
+    exit_code = 69  # EX_UNAVAILABLE
+
+
 class SpoolUnavailable(RelayError):
     """The spool cannot be reached, is locked, full or not initialised; try again."""
 

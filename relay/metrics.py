@@ -88,7 +88,7 @@ from twisted.web import resource, server
 
 from relay import replies
 from relay.config import Config, parse_hostport, redact_url
-from relay.errors import RelayError
+from relay.errors import CannotListen, RelayError
 from relay.model import State, SpoolStatus
 
 __all__ = ["REASONS", "ENQUEUE_SOURCES", "RelayMetrics", "MetricsService", "build_metrics_service",
@@ -425,7 +425,7 @@ class MetricsService(service.Service):
         try:
             self.listening = self.reactor.listenTCP(self.port, self.site, interface=self.host)
         except CannotListenError as e:
-            raise RelayError(f"metrics.listen {self.host}:{self.port}: cannot listen "
+            raise CannotListen(f"metrics.listen {self.host}:{self.port}: cannot listen "
                              f"({e.socketError or e}).") from None
         service.Service.startService(self)
         log.info("metrics on http://{host}:{port}/metrics and /healthz", host=self.host,

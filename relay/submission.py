@@ -85,7 +85,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relay.config import Config, check_tls_pair, parse_hostport
-from relay.errors import BadMessage, ConfigError, RelayError, SpoolUnavailable
+from relay.errors import BadMessage, CannotListen, ConfigError, SpoolUnavailable
 from relay.message import parse_submitted, validate_address, validate_sender
 from relay.model import NewMessage
 from relay.sendnow import close_now, flush_now, write_now
@@ -1116,7 +1116,7 @@ class SubmissionService(StreamServerEndpointService):
             StreamServerEndpointService.startService(self)
         except CannotListenError as e:
             self.running = False
-            raise RelayError(f"submission.listen {e.interface or '*'}:{e.port}: cannot listen "
+            raise CannotListen(f"submission.listen {e.interface or '*'}:{e.port}: cannot listen "
                              f"({e.socketError or e}).") from None
         self._waitingForPort.addCallback(self._listening)
 

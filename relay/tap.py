@@ -17,11 +17,12 @@ from typing import Sequence
 
 from twisted.application import service
 from twisted.internet import defer
+from twisted.logger import Logger
 from twisted.python import usage
 
 from relay.config import Config, load_config, redact_url
 from relay.drain import DrainService
-from relay.errors import ConfigError
+from relay.errors import ConfigError, RelayError
 from relay.metrics import RelayMetrics, build_metrics_service
 from relay.routing import Router, make_resolver
 from relay.spool import open_spool
@@ -51,28 +52,49 @@ class Options(usage.Options):
     ]
 
 
-class RelayService(service.MultiService):
-    """relayd's services, started in order and stopped in reverse order, one after the other."""
+log = Logger(namespace="relay")
 
-    def __init__(self, config: Config, spool: DeferredSpool):
+
+class RelayService(service.MultiService):
+    """relayd's services, started in order and stopped in reverse order, one after the other.
+
+    A service that cannot start (a listening address in use) stops relayd:
+    its sentence is logged, ``start_error`` keeps it (relayd exits with its
+    code) and the reactor is stopped, which stops what had started.
+    """
+
+    def __init__(self, config: Config, spool: DeferredSpool, reactor=None):
         service.MultiService.__init__(self)
         self.config = config
         self.spool = spool
+        self.reactor = reactor
         self.drain: DrainService | None = None
+        #: The error that stopped start-up, if one did.
+        self.start_error: RelayError | None = None
 
     def startService(self) -> None:
         self.spool.start()
-        service.MultiService.startService(self)
+        try:
+            service.MultiService.startService(self)
+        except RelayError as e:
+            self.start_error = e
+            log.critical("{sentence}", sentence=str(e))
+            if self.reactor is None:
+                raise
+            # relayd starts its services on a running reactor, twist/twistd
+            # before running it: stop it now, or as soon as it runs.
+            self.reactor.callWhenRunning(self.reactor.stop)
 
     @defer.inlineCallbacks
     def stopService(self):
         service.Service.stopService(self)
         for child in reversed(list(self)):
+            if not child.running:       # never started (start-up stopped before it)
+                continue
             try:
                 yield defer.maybeDeferred(child.stopService)
             except Exception:
-                from twisted.logger import Logger
-                Logger(namespace="relay").failure("stopping {name} failed", name=child.name)
+                log.failure("stopping {name} failed", name=child.name)
         self.spool.stop()
 
 
@@ -87,7 +109,7 @@ def build_service(config: Config, reactor=None, *, trust_root=None, attempt_log=
     pin_to_cpus(config.cpu_affinity)     # before any thread starts (threads inherit it)
     spool = open_spool(config.spool_url, busy_timeout=config.spool_busy_timeout)
     deferred_spool = DeferredSpool(spool, reactor, threads=3)
-    top = RelayService(config, deferred_spool)
+    top = RelayService(config, deferred_spool, reactor)
     resolver = make_resolver(config.nameservers, reactor)
     router = Router(resolver=resolver, clock=reactor, routes=config.routes, port=config.delivery_port)
     metrics = RelayMetrics(max_lifetime=config.max_lifetime, clock=reactor)
@@ -162,9 +184,8 @@ def describe(config: Config) -> str:
 
 def makeService(options) -> RelayService:
     """IServiceMaker entry point for ``twist relay`` / ``twistd relay``."""
-    from twisted.logger import Logger
     config = load_config(options["config"])
-    Logger(namespace="relay").info("{line}", line=describe(config))
+    log.info("{line}", line=describe(config))
     top = build_service(config)
     tune_garbage_collector()
     return top

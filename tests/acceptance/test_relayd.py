@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 import signal
+import socket
 import sys
 import time
 from collections import Counter
@@ -267,6 +268,39 @@ def test_unavailable_spool_exits_75_with_one_sentence(dialect, tmp_path, procs):
     assert len(lines) == 1, lines
     assert lines[0].startswith("relayd: The spool ") and lines[0].endswith("."), lines
     assert "Traceback" not in daemon.stderr() and daemon.stdout() == ""
+
+
+@pytest.mark.parametrize("section", ["submission", "metrics"])
+def test_busy_listening_port_exits_69_with_one_sentence(section, spool_url, tmp_path, procs):
+    """A submission or metrics port already in use stops relayd: it logs one
+    sentence naming the address and exits 69 (EX_UNAVAILABLE), instead of
+    running on without that listener."""
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        config = write_config(tmp_path / "relay.toml", spool_url=spool_url, node=f"node-busy-{section}",
+                              extra={section: {"listen": f"127.0.0.1:{port}"}})
+        daemon = procs.relayd(config)
+        assert daemon.wait(20) == 69
+    stderr = daemon.stderr()
+    assert f"{section}.listen 127.0.0.1:{port}: cannot listen" in stderr, stderr
+    assert sum("cannot listen" in line for line in stderr.splitlines()) == 1, stderr
+    assert "Traceback" not in stderr and daemon.stdout() == ""
+
+
+def test_busy_listening_port_stops_the_twist_plugin(spool_url, tmp_path, procs):
+    """Under `twist relay` (which starts services before running the reactor)
+    a busy submission port stops the process too, with the sentence logged."""
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        config = write_config(tmp_path / "relay.toml", spool_url=spool_url, node="node-busy-twist",
+                              extra={"submission": {"listen": f"127.0.0.1:{port}"}})
+        argv = [sys.executable, "-m", "twisted", "--log-format=text", "relay", "--config", str(config)]
+        workdir = tmp_path / "cwd"
+        workdir.mkdir()
+        daemon = procs.start(argv, "twist", cwd=workdir)
+        daemon.wait(20)
+    assert f"[relay#critical] submission.listen 127.0.0.1:{port}: cannot listen" in daemon.stderr() + daemon.stdout()
+    assert "Traceback" not in daemon.stderr() + daemon.stdout()
 
 
 def _twistd_argv() -> list[str]:
