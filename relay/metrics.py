@@ -453,6 +453,12 @@ class MetricsService(service.Service):
     def _tick(self) -> None:
         # Not returning the Deferred: the LoopingCall keeps its pace even while
         # a status call hangs (and refresh() does not start a second one).
+        if self._refreshing is not None and self._spool_was_up:
+            # The previous read has not answered in a whole interval: the
+            # spool is not answering (a lock, a dead link), whatever it says later.
+            self.metrics.spool_down()
+            log.warn("metrics: the spool did not answer within {seconds:g}s", seconds=self.refresh_interval)
+            self._spool_was_up = False
         self.refresh()
 
     def refresh(self) -> defer.Deferred:

@@ -179,19 +179,29 @@ class SQLSpool:
                         yield conn
 
     @contextmanager
-    def _read(self) -> Iterator[Connection]:
+    def _read(self, timeout: float | None = None) -> Iterator[Connection]:
+        """A read transaction; on PostgreSQL a statement that takes longer
+        than ``timeout`` seconds (waiting for a lock included) is cancelled."""
         with spool_errors(self.url):
             with self.engine.connect() as conn:
                 with conn.begin():
+                    if timeout is not None and self.dialect == "postgresql":
+                        conn.exec_driver_sql(f"SET LOCAL statement_timeout = {int(timeout * 1000)}")
                     yield conn
 
     def close(self) -> None:
         self._direct.close()
         self.engine.dispose()
 
+    #: Bounds of the reads behind /healthz and the metrics gauges (PostgreSQL).
+    PING_TIMEOUT = 5.0
+    STATUS_TIMEOUT = 30.0
+
     def ping(self) -> None:
-        with self._read() as conn:
-            conn.execute(select(1)).scalar_one()
+        """Read one row of the spool's recipients: fails when the database is
+        unreachable, the schema missing or the table locked (PING_TIMEOUT)."""
+        with self._read(self.PING_TIMEOUT) as conn:
+            conn.execute(select(R.c.id).limit(1)).all()
 
     # -- enqueue --------------------------------------------------------
 
@@ -433,7 +443,7 @@ class SQLSpool:
     # -- inspection -----------------------------------------------------
 
     def status(self, now: float) -> SpoolStatus:
-        with self._read() as conn:
+        with self._read(self.STATUS_TIMEOUT) as conn:
             n_messages = conn.execute(select(func.count()).select_from(M)).scalar_one()
             counts = {s.value: 0 for s in State}
             for state, n in conn.execute(select(R.c.state, func.count()).group_by(R.c.state)):

@@ -384,6 +384,35 @@ class MetricsPostgreSQLTests(MetricsScenarios, unittest.TestCase):
     def make_spool_url(self) -> str:
         return scratch_pg_url(self)
 
+    @defer.inlineCallbacks
+    def test_healthz_503_while_the_spool_is_locked(self):
+        """A spool that accepts connections but cannot be read (its recipients
+        table locked by another session) is not healthy: /healthz says 503 with
+        one line, the ping gives its thread back after the spool's ping bound
+        (statement_timeout) instead of hanging, and 200 once the lock is gone."""
+        from sqlalchemy import create_engine
+        spool = self.open_spool()
+        spool.spool.PING_TIMEOUT = 0.5
+        self.start_metrics(spool, refresh_interval=60, health_timeout=5.0)
+        code, _, body = yield fetch(self.base + "/healthz")
+        self.assertEqual((code, body), (200, b"ok\n"))
+        locker = create_engine(self.spool_url)
+        self.addCleanup(locker.dispose)
+        conn = locker.connect()
+        self.addCleanup(conn.close)
+        lock = conn.begin()
+        conn.exec_driver_sql("LOCK TABLE recipients IN ACCESS EXCLUSIVE MODE")
+        started = time.monotonic()
+        code, _, body = yield fetch(self.base + "/healthz")
+        waited = time.monotonic() - started
+        self.assertEqual(code, 503, body)
+        self.assertEqual(body.count(b"\n"), 1, body)
+        self.assertIn(b"statement timeout", body.lower())
+        self.assertLess(waited, 4.0, "the ping was cancelled by its bound, not by the health timeout")
+        lock.rollback()
+        code, _, body = yield fetch(self.base + "/healthz")
+        self.assertEqual((code, body), (200, b"ok\n"))
+
     def unreachable_spool(self):
         """A spool on 127.0.0.1 port 1, where nothing listens (the shared server is left alone)."""
         url = "postgresql+psycopg://postgres@127.0.0.1:1/test"
@@ -496,6 +525,33 @@ class MetricsPolicyTests(unittest.TestCase):
         self.successResultOf(d)
         self.assertEqual(metrics.registry.get_sample_value("relay_spool_up"), 0)
         self.assertIsNone(svc._refreshing)
+
+    def test_refresh_that_hangs_sets_spool_down_until_it_answers(self):
+        """A status read still unanswered one refresh interval later sets
+        relay_spool_up to 0 (a locked or silently dead spool is down); no
+        second read is started meanwhile, and the answer sets it back to 1."""
+        clock = task.Clock()
+        metrics = RelayMetrics(clock=clock)
+        spool = _StubSpool()
+        pending: list[defer.Deferred] = []
+        spool.status = lambda now: pending.append(defer.Deferred()) or pending[-1]
+        svc = MetricsService(host="127.0.0.1", port=0, metrics=metrics, spool=spool, reactor=clock,
+                             refresh_interval=5.0)
+        svc._loop = task.LoopingCall(svc._tick)
+        svc._loop.clock = clock
+        svc._loop.start(5.0, now=True)
+        self.addCleanup(svc._loop.stop)
+        self.assertEqual(len(pending), 1)
+        metrics.spool_up.set(1)
+        clock.advance(4.9)
+        self.assertEqual(metrics.registry.get_sample_value("relay_spool_up"), 1)
+        clock.advance(0.1)
+        self.assertEqual(metrics.registry.get_sample_value("relay_spool_up"), 0)
+        clock.advance(10)
+        self.assertEqual(len(pending), 1, "a hung read is not doubled")
+        from relay.model import SpoolStatus
+        pending[0].callback(SpoolStatus(messages=0, recipients={}, oldest_pending_at=None, next_attempt_at=None))
+        self.assertEqual(metrics.registry.get_sample_value("relay_spool_up"), 1)
 
     def test_busy_port_is_one_sentence(self):
         """A metrics.listen port that is taken fails start-up with one sentence naming the key."""
