@@ -308,10 +308,15 @@ class GroupCommitter:
             # drain, which claims on the spool's threads) would otherwise delay them.
             for (_, d), qid in zip(batch, ids):
                 d.callback(qid)
-            try:
-                if claimed is not None:
+            handed_off = False
+            if claimed is not None:
+                try:
                     self._handoff.adopt(claimed)
-                self._on_committed(len(batch), claimed is not None)
+                    handed_off = True
+                except Exception:  # noqa: BLE001 - the mail is committed; its lease brings it back
+                    log.failure("handing {n} accepted message(s) to the drain failed", n=len(batch))
+            try:
+                self._on_committed(len(batch), handed_off)
             except Exception:  # noqa: BLE001 - never lose the 250s over a hook
                 log.failure("after-commit hook failed")
         self._check_idle()

@@ -80,6 +80,22 @@ def test_batches_are_handed_to_the_drain_after_the_replies():
     assert committed == [(1, True), (2, True)]
 
 
+def test_a_failed_hand_off_is_still_counted_and_the_drain_woken():
+    """adopt() raising (a bug in the drain) loses neither the 250s nor the
+    commit hook: the metrics count the commit and the drain is woken."""
+    class BrokenDrain(Drain):
+        def adopt(self, messages):
+            raise RuntimeError("drain broke")
+
+    spool, committed, replies = Spool(), [], []
+    committer = GroupCommitter(spool, task.Clock(), handoff=BrokenDrain(),
+                               on_committed=lambda n, handed_off: committed.append((n, handed_off)))
+    committer.submit(message(1)).addCallback(replies.append)
+    spool.commit()
+    assert replies == ["Q0"]
+    assert committed == [(1, False)]
+
+
 def test_without_room_in_the_drain_mail_is_queued_unclaimed_and_the_drain_woken():
     spool, drain, committed = Spool(), Drain(terms=None), []
     committer = GroupCommitter(spool, task.Clock(), handoff=drain,
