@@ -35,7 +35,14 @@ CHANNEL = "relay_queue"
 
 
 class _WatcherThread(service.Service):
-    """A service running ``self._run(stop_event)`` in a daemon thread."""
+    """A service running ``self._run(stop)`` in a daemon thread.
+
+    Each start makes a new ``stop`` event for its thread, so a thread still
+    winding down after a stop never sees a later start's event cleared (it
+    would run on beside the new one)."""
+
+    #: Makes each run's stop event (tests substitute one that records waits).
+    stop_event_factory = threading.Event
 
     def __init__(self, reactor, on_change: Callable[[], None]):
         self.reactor = reactor
@@ -48,15 +55,15 @@ class _WatcherThread(service.Service):
 
     def startService(self) -> None:
         service.Service.startService(self)
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self._stop = stop = self.stop_event_factory()
+        self._thread = threading.Thread(target=self._run, args=(stop,), name=self.name, daemon=True)
         self._thread.start()
 
     def stopService(self) -> None:
         service.Service.stopService(self)
         self._stop.set()     # the thread notices within one wait interval; it is a daemon thread
 
-    def _run(self) -> None:  # pragma: no cover - overridden
+    def _run(self, stop: threading.Event) -> None:  # pragma: no cover - overridden
         raise NotImplementedError
 
 
@@ -65,41 +72,58 @@ class PostgresNotifyListener(_WatcherThread):
 
     name = "pg-listen"
 
+    #: libpq options of the LISTEN connection: TCP keepalives, and a bound on
+    #: unacknowledged data (ms), so that a dead peer or path is noticed in
+    #: about a minute rather than after the kernel's two hours.
+    CONNECTION_OPTIONS = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
+                          "keepalives_count": 3, "tcp_user_timeout": 30_000}
+
     def __init__(self, url: str, reactor, on_change: Callable[[], None], *, wait: float = 1.0,
-                 retry_delay: float = 1.0):
+                 retry_delay: float = 1.0, check_interval: float = 30.0):
         super().__init__(reactor, on_change)
         self.conninfo = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
         self.wait = wait
         self.retry_delay = retry_delay
+        #: After this long without a notification the connection is checked
+        #: with a query: a session the server ended behind a silent path (a
+        #: frozen proxy, a lost FIN) would otherwise look alive for ever.
+        self.check_interval = check_interval
         self.connected = threading.Event()
 
-    def _run(self) -> None:
+    def _run(self, stop: threading.Event) -> None:
         import psycopg
 
         failures = 0
-        while not self._stop.is_set():
+        while not stop.is_set():
             try:
-                with psycopg.connect(self.conninfo, autocommit=True, connect_timeout=5) as conn:
+                with psycopg.connect(self.conninfo, autocommit=True, connect_timeout=5,
+                                     **self.CONNECTION_OPTIONS) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
                     self.connected.set()
                     self.reactor.callFromThread(log.info, "listening for new mail on PostgreSQL{again}",
                                                 again=" again" if failures else "")
                     failures = 0
                     self._notify()      # anything queued while we were not listening
-                    while not self._stop.is_set():
+                    heard = time.monotonic()
+                    while not stop.is_set():
                         for _ in conn.notifies(timeout=self.wait, stop_after=1):
                             self._notify()
+                            heard = time.monotonic()
                             break
+                        else:
+                            if time.monotonic() - heard >= self.check_interval:
+                                conn.execute("SELECT 1")
+                                heard = time.monotonic()
             except Exception as exc:  # noqa: BLE001 - any failure: reconnect
                 self.connected.clear()
-                if self._stop.is_set():
+                if stop.is_set():
                     return
                 failures += 1
                 if failures == 1:
                     self.reactor.callFromThread(
                         log.warn, "lost the PostgreSQL LISTEN connection ({error}); polling until it is back",
                         error=str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
-                self._stop.wait(min(30.0, self.retry_delay * failures))
+                stop.wait(min(30.0, self.retry_delay * failures))
 
 
 class SQLiteChangeWatcher(_WatcherThread):
@@ -116,10 +140,10 @@ class SQLiteChangeWatcher(_WatcherThread):
         #: idle); read from this thread, so it must only read plain attributes.
         self.busy_interval = busy_interval
 
-    def _run(self) -> None:
+    def _run(self, stop: threading.Event) -> None:
         conn = None
         last = None
-        while not self._stop.is_set():
+        while not stop.is_set():
             try:
                 if conn is None:
                     conn = sqlite3.connect(self.path, timeout=1.0, check_same_thread=False)
@@ -132,7 +156,7 @@ class SQLiteChangeWatcher(_WatcherThread):
                     conn.close()
                 conn, last = None, None
                 time.sleep(0.5)
-            self._stop.wait(max(self.interval, self.busy_interval()))
+            stop.wait(max(self.interval, self.busy_interval()))
         if conn is not None:
             conn.close()
 

@@ -52,7 +52,7 @@ def _watch(tmp_path, busy_interval):
     changes = threading.Semaphore(0)
     watcher = SQLiteChangeWatcher(str(path), _CallingReactor(), changes.release, interval=0.005,
                                   busy_interval=busy_interval)
-    watcher._stop = _RecordingStop()
+    watcher.stop_event_factory = _RecordingStop
     return watcher, other, changes
 
 
@@ -84,6 +84,24 @@ def test_a_commit_by_another_connection_is_noticed_idle_and_busy(tmp_path):
         other.execute("INSERT INTO t VALUES (2)")
         assert changes.acquire(timeout=10)
         assert not changes.acquire(timeout=0.05)  # one notification per commit, none without
+    finally:
+        watcher.stopService()
+        other.close()
+
+
+def test_a_restart_leaves_one_watcher_thread(tmp_path):
+    """stop then start at once: the first thread ends (it keeps its own stop
+    event) instead of running on beside the new one."""
+    watcher, other, changes = _watch(tmp_path, lambda: 0.0)
+    try:
+        watcher.startService()
+        first = watcher._thread
+        watcher.stopService()
+        watcher.startService()
+        first.join(10)
+        assert not first.is_alive()
+        assert watcher._thread.is_alive()
+        assert [t for t in threading.enumerate() if t.name == watcher.name] == [watcher._thread]
     finally:
         watcher.stopService()
         other.close()
