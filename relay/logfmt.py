@@ -90,7 +90,10 @@ def format_attempt(
     """
     reason = clean_text(reply)
     if possible_duplicate:
-        note = "possible duplicate: the message may have been delivered"
+        # The client's own reason may already say so ("... after the final
+        # dot; the message may have been delivered"): not twice.
+        note = ("possible duplicate" if "may have been delivered" in reason
+                else "possible duplicate: the message may have been delivered")
         reason = f"{reason} -- {note}" if reason else note
     line = (
         f"{_one_line(queue_id)}: to=<{_one_line(recipient)}>, relay={_one_line(relay) if relay else 'none'}, "

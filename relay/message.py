@@ -99,7 +99,7 @@ def normalise_line_endings(raw: bytes) -> bytes:
             for line_no, line in enumerate(lines, 1):
                 if len(line) > MAX_LINE:
                     raise BadMessage(f"Line {line_no} of the message is {len(line)} octets long; "
-                                     f"the limit is {MAX_LINE} (RFC 5322 §2.1.1).")
+                                     f"the limit is {MAX_LINE} (RFC 5322 section 2.1.1).")
     return text.replace(b"\n", b"\r\n")
 
 

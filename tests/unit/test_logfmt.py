@@ -56,6 +56,11 @@ BASE = {"queue_id": "Q1", "recipient": "a@b.example", "relay": "mx.b.example[192
           "possible_duplicate": True},
          "Q1: to=<a@b.example>, relay=mx.b.example[192.0.2.7]:25, delay=3, attempts=1, status=deferred "
          "(451 4.4.2 connection lost after end of data -- possible duplicate: the message may have been delivered)"),
+        # W1 whose reason already says the message may have been delivered: said once
+        ({"status": State.DEFERRED, "possible_duplicate": True,
+          "reply": "451 4.4.2 Connection lost after the final dot; the message may have been delivered"},
+         "Q1: to=<a@b.example>, relay=mx.b.example[192.0.2.7]:25, delay=3, attempts=1, status=deferred "
+         "(451 4.4.2 Connection lost after the final dot; the message may have been delivered -- possible duplicate)"),
         # W1 without any reply text
         ({"status": State.DEFERRED, "reply": "", "possible_duplicate": True},
          "Q1: to=<a@b.example>, relay=mx.b.example[192.0.2.7]:25, delay=3, attempts=1, status=deferred "

@@ -286,7 +286,7 @@ def _reference_normalise(raw: bytes) -> bytes:
         if end - start > message.MAX_LINE:
             line_no = text.count(b"\n", 0, start) + 1
             raise BadMessage(f"Line {line_no} of the message is "
-                             f"{end - start} octets long; the limit is {message.MAX_LINE} (RFC 5322 §2.1.1).")
+                             f"{end - start} octets long; the limit is {message.MAX_LINE} (RFC 5322 section 2.1.1).")
         start = end + 1
     return text.replace(b"\n", b"\r\n")
 
