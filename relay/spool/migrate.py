@@ -78,6 +78,12 @@ def downgrade(engine: Engine, url: str, revision: str) -> None:
                 command.downgrade(alembic_config(conn), revision)
 
 
+def _schema_state(conn: Connection) -> tuple[str | None, bool]:
+    """The schema revision, and whether the database has no spool tables at all."""
+    current = current_revision(conn)
+    return current, current is None and not inspect(conn).has_table("messages")
+
+
 def ensure_schema(engine: Engine, url: str, *, initialise: bool = True) -> None:
     """Check that the spool has this relay's schema.
 
@@ -88,9 +94,18 @@ def ensure_schema(engine: Engine, url: str, *, initialise: bool = True) -> None:
     head = head_revision()
     with spool_errors(url):
         with engine.connect() as conn:
-            current = current_revision(conn)
-            empty = current is None and not inspect(conn).has_table("messages")
+            current, empty = _schema_state(conn)
             conn.rollback()
+        if current != head:
+            # Look again under the migration lock: the two reads above may
+            # straddle the commit of another opener's initialisation (no
+            # version table yet, then tables), which would look like a
+            # foreign database.  The lock waits for that upgrade to finish.
+            with engine.connect() as conn:
+                conn = conn.execution_options(**write_options(conn.dialect.name))
+                with conn.begin():
+                    _locked(conn)
+                    current, empty = _schema_state(conn)
     if current == head:
         return
     if empty and initialise:
