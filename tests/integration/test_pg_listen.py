@@ -9,9 +9,10 @@ import threading
 import time
 
 import psycopg
+from twisted.internet import defer
 from twisted.trial import unittest
 
-from relay.testing import scratch_pg_url
+from relay.testing import scratch_pg_url, wait_until
 from relay.wakeup import CHANNEL, PostgresNotifyListener
 
 
@@ -30,16 +31,6 @@ def _backend(conninfo: str, application_name: str) -> tuple[int, str] | None:
                             [application_name]).fetchone()
 
 
-def _wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 class PostgresNotifyListenerTests(unittest.TestCase):
 
     def setUp(self):
@@ -55,22 +46,24 @@ class PostgresNotifyListenerTests(unittest.TestCase):
         self.assertTrue(self.wakes.acquire(timeout=10))      # the wake-up after (re)connecting
         self.plain = self.listener.conninfo
 
+    @defer.inlineCallbacks
     def test_notify_wakes_and_a_quiet_connection_is_checked(self):
         with psycopg.connect(self.plain, autocommit=True) as conn:
             conn.execute(f"NOTIFY {CHANNEL}")
         self.assertTrue(self.wakes.acquire(timeout=10))
-        pid, _ = _wait_for(lambda: _backend(self.plain, self.name), 10, "the listener's session")
+        pid, _ = yield wait_until(lambda: _backend(self.plain, self.name), timeout=10)
         # Quiet for check_interval: the listener's last query becomes its check.
-        _wait_for(lambda: (_backend(self.plain, self.name) or (0, ""))[1] == "SELECT 1", 10, "the check query")
+        yield wait_until(lambda: (_backend(self.plain, self.name) or (0, ""))[1] == "SELECT 1", timeout=10)
         self.assertEqual(_backend(self.plain, self.name)[0], pid, "same session, no reconnect")
 
+    @defer.inlineCallbacks
     def test_a_session_ended_by_the_server_is_replaced(self):
-        pid, _ = _wait_for(lambda: _backend(self.plain, self.name), 10, "the listener's session")
+        pid, _ = yield wait_until(lambda: _backend(self.plain, self.name), timeout=10)
         with psycopg.connect(self.plain, autocommit=True) as conn:
             conn.execute("SELECT pg_terminate_backend(%s)", [pid])
         self.assertTrue(self.wakes.acquire(timeout=15), "a wake-up after listening again")
-        new_pid, query = _wait_for(lambda: (b := _backend(self.plain, self.name)) and b[0] != pid and b,
-                                   10, "a new session")
+        new_pid, _ = yield wait_until(lambda: (b := _backend(self.plain, self.name)) and b[0] != pid and b,
+                                      timeout=10)
         self.assertNotEqual(new_pid, pid)
         with psycopg.connect(self.plain, autocommit=True) as conn:
             conn.execute(f"NOTIFY {CHANNEL}")
