@@ -34,19 +34,23 @@ _SIZE_UNITS = {
 }
 
 
+def _bad_duration(key: str, value: object) -> ConfigError:
+    return ConfigError(f"{key} must be a duration like 30, \"30s\", \"5m\", \"4h\", \"5d\" or \"1ms\", not {value!r}.")
+
+
 def parse_duration(value: object, key: str) -> float:
     """Seconds from ``30``, ``"30s"``, ``"5m"``, ``"4h"``, ``"5d"``, ``"1.5h"`` or ``"1ms"``."""
     if isinstance(value, bool):
-        raise ConfigError(f"{key} must be a duration like 30, \"30s\", \"5m\", \"4h\", \"5d\" or \"1ms\", not {value!r}.")
+        raise _bad_duration(key, value)
     if isinstance(value, (int, float)):
         seconds = float(value)
     elif isinstance(value, str):
         m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|[smhdw]?)\s*", value.lower())
         if not m:
-            raise ConfigError(f"{key} must be a duration like 30, \"30s\", \"5m\", \"4h\", \"5d\" or \"1ms\", not {value!r}.")
+            raise _bad_duration(key, value)
         seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2) or "s"]
     else:
-        raise ConfigError(f"{key} must be a duration like 30, \"30s\", \"5m\", \"4h\", \"5d\" or \"1ms\", not {value!r}.")
+        raise _bad_duration(key, value)
     if seconds < 0:
         raise ConfigError(f"{key} must not be negative.")
     return seconds

@@ -426,7 +426,7 @@ class MetricsService(service.Service):
             self.listening = self.reactor.listenTCP(self.port, self.site, interface=self.host)
         except CannotListenError as e:
             raise CannotListen(f"metrics.listen {self.host}:{self.port}: cannot listen "
-                             f"({e.socketError or e}).") from None
+                               f"({e.socketError or e}).") from None
         service.Service.startService(self)
         log.info("metrics on http://{host}:{port}/metrics and /healthz", host=self.host,
                  port=self.listening.getHost().port)

@@ -40,9 +40,9 @@ per connection, or one per login when ``submission.users`` is set) and one
 * 250 after DATA only once the message is committed.  Messages that finish
   DATA while commits are running wait for the next one, which takes them all
   in ONE ``spool.enqueue`` transaction (:class:`GroupCommitter`); one commit
-  is in flight at a time on SQLite, two on PostgreSQL.  A commit that could start while another session is
-  mid-transaction (:func:`mid_transaction`) waits for that session's message
-  up to ``submission.commit_delay``.  Spool trouble -> 451 4.3.0 (452 4.3.1
+  is in flight at a time on SQLite, two on PostgreSQL.  A commit that could
+  start while another session is mid-transaction (:func:`mid_transaction`)
+  waits for that session's message up to ``submission.commit_delay``.  Spool trouble -> 451 4.3.0 (452 4.3.1
   when full).
 
 Pipelining: Twisted's server handles commands in order, but it would go on
@@ -1116,13 +1116,21 @@ class SubmissionService(StreamServerEndpointService):
         self.setName("submission")
         self._raiseSynchronously = True    # as strports.service does: a busy port fails startService
 
+    def privilegedStartService(self) -> None:
+        """Listen (twistd calls this before dropping privileges; startService
+        otherwise); a busy port raises CannotListen in one sentence."""
+        try:
+            StreamServerEndpointService.privilegedStartService(self)
+        except CannotListenError as e:
+            raise CannotListen(f"submission.listen {e.interface or '*'}:{e.port}: cannot listen "
+                               f"({e.socketError or e}).") from None
+
     def startService(self) -> None:
         try:
             StreamServerEndpointService.startService(self)
-        except CannotListenError as e:
+        except CannotListen:
             self.running = False
-            raise CannotListen(f"submission.listen {e.interface or '*'}:{e.port}: cannot listen "
-                             f"({e.socketError or e}).") from None
+            raise
         self._waitingForPort.addCallback(self._listening)
 
     def _listening(self, port):

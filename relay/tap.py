@@ -30,6 +30,8 @@ from relay.spool.deferred import DeferredSpool
 from relay.submission import build_submission_service, check_submission_config
 from relay.wakeup import build_wakeup_service
 
+log = Logger(namespace="relay")
+
 
 #: relayd keeps a connection that has carried mail open, idle, this long after
 #: its destination's queue empties, so that the next message to it (a steady
@@ -52,15 +54,15 @@ class Options(usage.Options):
     ]
 
 
-log = Logger(namespace="relay")
-
-
 class RelayService(service.MultiService):
     """relayd's services, started in order and stopped in reverse order, one after the other.
 
     A service that cannot start (a listening address in use) stops relayd:
-    its sentence is logged, ``start_error`` keeps it (relayd exits with its
-    code) and the reactor is stopped, which stops what had started.
+    its sentence is logged and ``start_error`` keeps it.  relayd starts its
+    services on a running reactor, which is then stopped (stopping what had
+    started) and relayd exits with the error's code; ``twist``/``twistd``
+    start them before running the reactor, so the spool's threads are
+    stopped and SystemExit carries the code out of the runner.
     """
 
     def __init__(self, config: Config, spool: DeferredSpool, reactor=None):
@@ -72,18 +74,27 @@ class RelayService(service.MultiService):
         #: The error that stopped start-up, if one did.
         self.start_error: RelayError | None = None
 
+    def privilegedStartService(self) -> None:
+        try:
+            service.MultiService.privilegedStartService(self)     # twistd: binds the listener
+        except RelayError as e:
+            self._start_failed(e)
+
     def startService(self) -> None:
         self.spool.start()
         try:
             service.MultiService.startService(self)
         except RelayError as e:
-            self.start_error = e
-            log.critical("{sentence}", sentence=str(e))
-            if self.reactor is None:
-                raise
-            # relayd starts its services on a running reactor, twist/twistd
-            # before running it: stop it now, or as soon as it runs.
-            self.reactor.callWhenRunning(self.reactor.stop)
+            self._start_failed(e)
+
+    def _start_failed(self, e: RelayError) -> None:
+        self.start_error = e
+        log.critical("{sentence}", sentence=str(e))
+        if self.reactor is not None and self.reactor.running:
+            self.reactor.stop()
+            return
+        self.spool.stop()
+        raise SystemExit(e.exit_code) from None
 
     @defer.inlineCallbacks
     def stopService(self):

@@ -125,6 +125,11 @@ def _chunks(seq: Sequence, size: int = _CHUNK) -> Iterator[Sequence]:
 class SQLSpool:
     """See :class:`relay.interfaces.ISpool`."""
 
+    #: PostgreSQL: bounds (seconds) of the reads behind /healthz and the
+    #: metrics gauges, so that a lock cannot hold a spool thread for ever.
+    PING_TIMEOUT = 5.0
+    STATUS_TIMEOUT = 30.0
+
     def __init__(self, engine: Engine, url: str, *, busy_timeout: float = 5.0):
         self.engine = engine
         self.url = url
@@ -192,10 +197,6 @@ class SQLSpool:
     def close(self) -> None:
         self._direct.close()
         self.engine.dispose()
-
-    #: Bounds of the reads behind /healthz and the metrics gauges (PostgreSQL).
-    PING_TIMEOUT = 5.0
-    STATUS_TIMEOUT = 30.0
 
     def ping(self) -> None:
         """Read one row of the spool's recipients: fails when the database is

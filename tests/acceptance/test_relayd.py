@@ -287,20 +287,20 @@ def test_busy_listening_port_exits_69_with_one_sentence(section, spool_url, tmp_
     assert "Traceback" not in stderr and daemon.stdout() == ""
 
 
-def test_busy_listening_port_stops_the_twist_plugin(spool_url, tmp_path, procs):
-    """Under `twist relay` (which starts services before running the reactor)
-    a busy submission port stops the process too, with the sentence logged."""
+@pytest.mark.parametrize("runner", ["twist", "twistd"])
+def test_busy_listening_port_stops_the_twisted_plugin(runner, spool_url, tmp_path, procs):
+    """Under `twist relay` and `twistd -n relay` (which start services before
+    running the reactor) a busy submission port stops the process too, with
+    the sentence logged and exit status 69 (a supervisor restarts it)."""
     with socket.create_server(("127.0.0.1", 0)) as busy:
         port = busy.getsockname()[1]
-        config = write_config(tmp_path / "relay.toml", spool_url=spool_url, node="node-busy-twist",
+        config = write_config(tmp_path / "relay.toml", spool_url=spool_url, node=f"node-busy-{runner}",
                               extra={"submission": {"listen": f"127.0.0.1:{port}"}})
-        argv = [sys.executable, "-m", "twisted", "--log-format=text", "relay", "--config", str(config)]
-        workdir = tmp_path / "cwd"
-        workdir.mkdir()
-        daemon = procs.start(argv, "twist", cwd=workdir)
-        daemon.wait(20)
-    assert f"[relay#critical] submission.listen 127.0.0.1:{port}: cannot listen" in daemon.stderr() + daemon.stdout()
-    assert "Traceback" not in daemon.stderr() + daemon.stdout()
+        daemon = _start_plugin(procs, runner, config, tmp_path)
+        assert daemon.wait(20) == 69
+    output = daemon.output()
+    assert f"submission.listen 127.0.0.1:{port}: cannot listen" in output, output
+    assert "Traceback" not in output
 
 
 def _twistd_argv() -> list[str]:
@@ -308,6 +308,18 @@ def _twistd_argv() -> list[str]:
     if script.exists():
         return [str(script)]
     return [sys.executable, "-c", "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"]
+
+
+def _start_plugin(procs, runner: str, config: Path, tmp_path: Path):
+    """relayd as the Twisted plugin under ``twist`` or ``twistd -n``, from a
+    working directory outside the repository (found through PYTHONPATH)."""
+    if runner == "twist":
+        argv = [sys.executable, "-m", "twisted", "--log-format=text", "relay", "--config", str(config)]
+    else:
+        argv = [*_twistd_argv(), "-n", "--pidfile=", "relay", "--config", str(config)]
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    return procs.start(argv, runner, cwd=workdir)
 
 
 @pytest.mark.parametrize("runner", ["twist", "twistd"])
@@ -319,13 +331,7 @@ def test_twisted_plugin_delivers_and_stops_cleanly(runner, spool_url, tmp_path, 
     with relay.open(str(config)) as outbox:
         qid = outbox.enqueue(message_bytes(1, "someone@plugin.test", runner))
         outbox.enqueue(message_bytes(2, "slow@plugin.test", runner))
-    if runner == "twist":
-        argv = [sys.executable, "-m", "twisted", "--log-format=text", "relay", "--config", str(config)]
-    else:
-        argv = [*_twistd_argv(), "-n", "--pidfile=", "relay", "--config", str(config)]
-    workdir = tmp_path / "cwd"
-    workdir.mkdir()
-    daemon = procs.start(argv, runner, cwd=workdir)
+    daemon = _start_plugin(procs, runner, config, tmp_path)
     daemon.wait_for_output(rf"{qid}: to=<someone@plugin\.test>, relay=.*status=sent \(250 ", 20)
     wait_until(lambda: peer.log.rcpt_seen.get("slow@plugin.test"), 10, "the slow transaction to start",
                interval=0.01)
@@ -343,7 +349,7 @@ def test_twisted_plugin_delivers_and_stops_cleanly(runner, spool_url, tmp_path, 
     assert counts["delivered"] == 2 and counts["inflight"] == 0, "the runner waited for relay's stopService"
     assert sorted(message_id_of(m.data) for m in peer.log.messages) == [f"<{runner}-1@relay-tests>",
                                                                          f"<{runner}-2@relay-tests>"]
-    assert not (workdir / "twistd.pid").exists() and not (REPO / "twistd.pid").exists()
+    assert not (tmp_path / "cwd" / "twistd.pid").exists() and not (REPO / "twistd.pid").exists()
 
 
 def test_two_nodes_share_one_spool_without_duplicates(spool_url, tmp_path, procs, peers, reader):
