@@ -175,6 +175,15 @@ class SMTPPeer:
         self.stop()
 
 
+class CallingReactor:
+    """Stands in for the reactor of code that only reports from its own
+    threads: ``callFromThread`` runs the call at once, on the calling thread
+    (relay.wakeup's watchers in tests)."""
+
+    def callFromThread(self, f, *args, **kwargs):
+        f(*args, **kwargs)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free on ``host`` right now."""
     import socket

@@ -15,6 +15,7 @@ import time
 
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer, protocol, reactor, task, threads
+from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
 from twisted.web.client import Agent, ResponseDone
 from twisted.web.http import PotentialDataLoss
@@ -530,17 +531,14 @@ class MetricsPolicyTests(unittest.TestCase):
         """A status read still unanswered one refresh interval later sets
         relay_spool_up to 0 (a locked or silently dead spool is down); no
         second read is started meanwhile, and the answer sets it back to 1."""
-        clock = task.Clock()
+        clock = MemoryReactorClock()
         metrics = RelayMetrics(clock=clock)
         spool = _StubSpool()
         pending: list[defer.Deferred] = []
         spool.status = lambda now: pending.append(defer.Deferred()) or pending[-1]
         svc = MetricsService(host="127.0.0.1", port=0, metrics=metrics, spool=spool, reactor=clock,
                              refresh_interval=5.0)
-        svc._loop = task.LoopingCall(svc._tick)
-        svc._loop.clock = clock
-        svc._loop.start(5.0, now=True)
-        self.addCleanup(svc._loop.stop)
+        svc.startService()
         self.assertEqual(len(pending), 1)
         metrics.spool_up.set(1)
         clock.advance(4.9)
@@ -552,6 +550,7 @@ class MetricsPolicyTests(unittest.TestCase):
         from relay.model import SpoolStatus
         pending[0].callback(SpoolStatus(messages=0, recipients={}, oldest_pending_at=None, next_attempt_at=None))
         self.assertEqual(metrics.registry.get_sample_value("relay_spool_up"), 1)
+        self.successResultOf(svc.stopService())
 
     def test_busy_port_is_one_sentence(self):
         """A metrics.listen port that is taken fails start-up with one sentence naming the key."""

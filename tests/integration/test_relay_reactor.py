@@ -25,11 +25,17 @@ TIMEOUT = 10.0
 
 
 class Script(protocol.Protocol):
-    """On its first data: runs ``script(self)``; records the batch after it."""
+    """On its first data: runs ``script(self)``; records the batch after it.
+    ``sndbuf`` (optional) sets the connection's send buffer."""
 
-    def __init__(self, script):
+    def __init__(self, script, sndbuf: int | None = None):
         self.script = script
+        self.sndbuf = sndbuf
         self.batched_after: list[bytes] | None = None
+
+    def connectionMade(self):
+        if self.sndbuf:
+            self.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.sndbuf)
 
     def dataReceived(self, data):
         self.script(self)
@@ -56,14 +62,8 @@ def serve(script, client_sends: bytes = b"go\r\n", sndbuf: int | None = None,
     sends ``client_sends`` and reads until the server closes, TIMEOUT, or
     (``quiet_after``) that many seconds without data."""
     reactor = RelayReactor()
-    server = Script(script)
-
-    def build(addr):
-        return server
-
-    factory = protocol.ServerFactory()
-    factory.buildProtocol = build
-    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    server = Script(script, sndbuf)
+    port = reactor.listenTCP(0, protocol.ServerFactory.forProtocol(lambda: server), interface="127.0.0.1")
     received = bytearray()
 
     def client():
@@ -87,14 +87,6 @@ def serve(script, client_sends: bytes = b"go\r\n", sndbuf: int | None = None,
         finally:
             reactor.callFromThread(reactor.stop)
 
-    original_connection_made = server.connectionMade
-
-    def connection_made():
-        if sndbuf:
-            server.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
-        original_connection_made()
-
-    server.connectionMade = connection_made
     run_with_client(reactor, client)
     return bytes(received), server, reactor
 
@@ -104,7 +96,7 @@ def test_output_leaves_at_the_end_of_the_turn_in_one_piece():
         write_now(p.transport, b"250-first\r\n")
         write_now(p.transport, b"250-second\r\n")
         write_now(p.transport, b"250 third\r\n")
-        close_later(p)
+        p.transport.loseConnection()   # after the turn: the batch goes first
 
     data, server, reactor = serve(script)
     assert server.batched_after == [b"250-first\r\n", b"250-second\r\n", b"250 third\r\n"]  # not sent yet
@@ -112,17 +104,12 @@ def test_output_leaves_at_the_end_of_the_turn_in_one_piece():
     assert reactor.output_batch.pending == {}
 
 
-def close_later(p):
-    """Close after the turn (Twisted's loseConnection), so the batch is sent first."""
-    p.transport.loseConnection()
-
-
 def test_order_is_kept_around_twisteds_own_buffer():
     def script(p):
         write_now(p.transport, b"one\r\n")
         p.transport.write(b"two\r\n")       # Twisted's buffer: after the batch
         write_now(p.transport, b"three\r\n")   # behind "two", not in the batch
-        close_later(p)
+        p.transport.loseConnection()   # after the turn: the batch goes first
 
     data, server, _ = serve(script)
     assert server.batched_after == [b"one\r\n"]
@@ -135,7 +122,7 @@ def test_a_partial_send_keeps_its_rest_ahead_of_later_writes():
     def script(p):
         write_now(p.transport, big)
         p.transport.write(b"after\r\n")
-        close_later(p)
+        p.transport.loseConnection()   # after the turn: the batch goes first
 
     data, _, _ = serve(script, sndbuf=64 * 1024, rcvbuf=64 * 1024)
     assert len(data) == len(big) + 7
@@ -243,7 +230,7 @@ def test_output_of_a_timed_call_leaves_before_the_reactor_waits():
     def script(p):
         def later():
             write_now(p.transport, b"250 later\r\n")
-            close_later(p)
+            p.transport.loseConnection()   # after the turn: the batch goes first
         p.transport.reactor.callLater(0, later)
 
     data, _, _ = serve(script, quiet_after=2.0)
@@ -262,24 +249,27 @@ def test_an_error_while_disconnecting_is_logged_and_the_reactor_goes_on():
 
     reactor = RelayReactor()
     port = reactor.listenTCP(0, protocol.ServerFactory.forProtocol(Failing), interface="127.0.0.1")
-    logged: list[dict] = []
-    globalLogPublisher.addObserver(logged.append)
+    ours: list[dict] = []
+
+    def observe(event):
+        if "Unhandled error handling an event" in event.get("log_format", ""):
+            ours.append(event)
+            if len(ours) == 2:      # the second hang-up handled: done (TIMEOUT bounds the wait)
+                reactor.stop()
+
+    globalLogPublisher.addObserver(observe)
     echoed: list[bytes] = []
 
     def client():
-        try:
-            for n in range(2):
-                with socket.create_connection(("127.0.0.1", port.getHost().port), timeout=TIMEOUT) as c:
-                    c.sendall(b"ping%d" % n)
-                    echoed.append(c.recv(10))
-        finally:
-            reactor.callFromThread(reactor.callLater, 0.2, reactor.stop)   # after the second hang-up
+        for n in range(2):
+            with socket.create_connection(("127.0.0.1", port.getHost().port), timeout=TIMEOUT) as c:
+                c.sendall(b"ping%d" % n)
+                echoed.append(c.recv(10))
 
     try:
         run_with_client(reactor, client)
     finally:
-        globalLogPublisher.removeObserver(logged.append)
+        globalLogPublisher.removeObserver(observe)
     assert echoed == [b"ping0", b"ping1"]
-    ours = [e for e in logged if "Unhandled error handling an event" in e.get("log_format", "")]
     assert len(ours) == 2
     assert all("boom in connectionLost" in str(e["log_failure"].value) for e in ours)

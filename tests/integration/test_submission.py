@@ -120,7 +120,7 @@ class RawClient:
 
 
 class FlakySpool:
-    """Wraps a DeferredSpool: counts enqueue transactions, can delay or fail them."""
+    """Wraps a DeferredSpool: counts enqueue transactions, can delay, hold or fail them."""
 
     def __init__(self, inner: DeferredSpool, delay: float = 0.0):
         self.inner = inner
@@ -129,6 +129,16 @@ class FlakySpool:
         self.calls: list[int] = []
         self.active = 0
         self.peak = 0
+        self._held: list[defer.Deferred] | None = None
+
+    def hold(self) -> None:
+        """Commits from now on wait for ``release()`` instead of ``delay``."""
+        self._held = []
+
+    def release(self) -> None:
+        held, self._held = self._held or [], None
+        for d in held:
+            d.callback(None)
 
     def enqueue(self, messages, now):
         self.calls.append(len(messages))
@@ -144,7 +154,12 @@ class FlakySpool:
             self.active -= 1
             return result
 
-        return task.deferLater(reactor, self.delay, lambda: None).addCallback(run).addBoth(done)
+        if self._held is not None:
+            wait: defer.Deferred = defer.Deferred()
+            self._held.append(wait)
+        else:
+            wait = task.deferLater(reactor, self.delay, lambda: None)
+        return wait.addCallback(run).addBoth(done)
 
 
 class SubmissionScenarios:
@@ -571,7 +586,7 @@ class SubmissionScenarios:
     @defer.inlineCallbacks
     def test_disconnect_mid_data_queues_nothing(self):
         """A client that closes in the middle of DATA (or right after its dot, before a commit starts) leaves nothing queued."""
-        svc = self.start_listener(wrap=lambda spool: FlakySpool(spool, delay=1.0))
+        svc = self.start_listener(wrap=lambda spool: FlakySpool(spool))
 
         def mid_data():
             c = RawClient(self.port)
@@ -597,6 +612,7 @@ class SubmissionScenarios:
             finally:
                 s.quit()
 
+        self.wrapped.hold()
         firsts = []
         for n in range(limit):      # one after the other: each its own commit
             firsts.append(threads.deferToThread(first, n))
@@ -611,6 +627,8 @@ class SubmissionScenarios:
             c.close()
 
         yield threads.deferToThread(second)
+        yield wait_until(lambda: len(svc.settings.sessions) == limit)     # second's hang-up handled
+        self.wrapped.release()
         refused = yield defer.gatherResults(firsts)
         self.assertEqual(refused, [{}] * limit)
         yield self.service.committer.idle()
@@ -693,8 +711,10 @@ class SubmissionScenarios:
         # machine cannot split the two; the commit starts as soon as the second message is in.
         self.start_listener(wrap=lambda spool: FlakySpool(spool), commit_delay=5.0)
         barrier = threading.Barrier(2, timeout=15)
+        started = time.monotonic()
         replies = yield defer.gatherResults(
             [threads.deferToThread(self.send_together, n, barrier) for n in range(2)])
+        self.assertLess(time.monotonic() - started, 4.0, "the commit waited out commit_delay")
         self.assertEqual([code for code, _ in replies], [250, 250])
         self.assertEqual(self.wrapped.calls, [2])
         self.assertEqual(self.messages(), 2)

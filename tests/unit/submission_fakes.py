@@ -86,6 +86,11 @@ class Session:
     def cmd(self, line: bytes) -> list[bytes]:
         return self.send(line + b"\r\n")
 
+    def hang_up(self) -> None:
+        """The client closes the connection."""
+        self.transport.loseConnection()
+        self.proto.connectionLost(None)
+
     def replies(self) -> list[bytes]:
         out = self.transport.value()[self.seen:]
         self.seen = len(self.transport.value())

@@ -80,8 +80,7 @@ def test_sessions_whose_transaction_ended_are_no_siblings():
     for s in (a, reset, gone):
         open_transaction(s)
     assert code(reset.cmd(b"RSET")) == [b"250 2.0.0"]
-    gone.transport.loseConnection()
-    gone.proto.connectionLost(None)
+    gone.hang_up()
     assert listener.transactions == {a.proto, reset.proto}    # a closed session leaves at once ...
     a.cmd(b"DATA")
     a.send(BODY)
@@ -121,8 +120,7 @@ def test_a_sibling_that_hangs_up_lets_the_held_back_commit_go():
     listener = Listener()
     b = listener.session()
     held_back_for(listener, b)
-    b.transport.loseConnection()
-    b.proto.connectionLost(None)
+    b.hang_up()
     assert listener.commits() == [1]
 
 
@@ -137,13 +135,9 @@ def test_a_sibling_whose_message_is_too_big_is_not_waited_for():
 def test_a_held_back_message_whose_client_hangs_up_is_not_queued():
     """The client will never see the 250, and would send the message again."""
     listener = Listener()
-    a, b = listener.session(), listener.session()
-    open_transaction(a)
-    open_transaction(b)
-    b.cmd(b"DATA")
-    b.send(BODY)                                    # held back: a is mid-transaction
-    b.transport.loseConnection()
-    b.proto.connectionLost(None)
+    a = listener.session()
+    b = held_back_for(listener, a)                  # b's message waits: a is mid-transaction
+    b.hang_up()
     assert listener.commits() == []
     assert listener.clock.getDelayedCalls() == []   # nothing left to wait for
     a.cmd(b"DATA")

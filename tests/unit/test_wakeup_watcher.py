@@ -13,6 +13,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 
+from relay.testing import CallingReactor
 from relay.wakeup import SQLiteChangeWatcher
 
 
@@ -38,19 +39,12 @@ class _RecordingStop(threading.Event):
             return self.timeouts[start:start + n]
 
 
-class _CallingReactor:
-    """callFromThread runs the call at once (the watcher's only use of the reactor)."""
-
-    def callFromThread(self, f, *args, **kwargs):
-        f(*args, **kwargs)
-
-
 def _watch(tmp_path, busy_interval):
     path = tmp_path / "spool.db"
     other = sqlite3.connect(path, isolation_level=None)
     other.execute("CREATE TABLE t (x)")
     changes = threading.Semaphore(0)
-    watcher = SQLiteChangeWatcher(str(path), _CallingReactor(), changes.release, interval=0.005,
+    watcher = SQLiteChangeWatcher(str(path), CallingReactor(), changes.release, interval=0.005,
                                   busy_interval=busy_interval)
     watcher.stop_event_factory = _RecordingStop
     return watcher, other, changes
