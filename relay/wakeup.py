@@ -29,6 +29,8 @@ from sqlalchemy.engine import make_url
 from twisted.application import service
 from twisted.logger import Logger
 
+from relay.spool.engine import pg_connection_options
+
 log = Logger(namespace="relay")
 
 CHANNEL = "relay_queue"
@@ -72,16 +74,12 @@ class PostgresNotifyListener(_WatcherThread):
 
     name = "pg-listen"
 
-    #: libpq options of the LISTEN connection: TCP keepalives, and a bound on
-    #: unacknowledged data (ms), so that a dead peer or path is noticed in
-    #: about a minute rather than after the kernel's two hours.
-    CONNECTION_OPTIONS = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
-                          "keepalives_count": 3, "tcp_user_timeout": 30_000}
-
     def __init__(self, url: str, reactor, on_change: Callable[[], None], *, wait: float = 1.0,
                  retry_delay: float = 1.0, check_interval: float = 30.0):
         super().__init__(reactor, on_change)
         self.conninfo = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+        #: libpq options: keepalives and tcp_user_timeout, as the spool's own connections
+        self.connection_options = pg_connection_options(url)
         self.wait = wait
         self.retry_delay = retry_delay
         #: After this long without a notification the connection is checked
@@ -90,15 +88,23 @@ class PostgresNotifyListener(_WatcherThread):
         self.check_interval = check_interval
         self.connected = threading.Event()
 
-    def _run(self, stop: threading.Event) -> None:
+    def connect(self):
+        """A new psycopg connection in autocommit, LISTENing on CHANNEL."""
         import psycopg
 
+        conn = psycopg.connect(self.conninfo, autocommit=True, connect_timeout=5, **self.connection_options)
+        try:
+            conn.execute(f"LISTEN {CHANNEL}")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _run(self, stop: threading.Event) -> None:
         failures = 0
         while not stop.is_set():
             try:
-                with psycopg.connect(self.conninfo, autocommit=True, connect_timeout=5,
-                                     **self.CONNECTION_OPTIONS) as conn:
-                    conn.execute(f"LISTEN {CHANNEL}")
+                with self.connect() as conn:
                     self.connected.set()
                     self.reactor.callFromThread(log.info, "listening for new mail on PostgreSQL{again}",
                                                 again=" again" if failures else "")

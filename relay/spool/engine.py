@@ -4,7 +4,9 @@ SQLite: WAL journal, ``synchronous=FULL`` (durable across power loss),
 foreign keys on, a busy timeout, and ``BEGIN IMMEDIATE`` for write
 transactions so that a writer waits for the lock up front instead of failing
 when it upgrades a read lock.  PostgreSQL: psycopg 3, pre-ping so a restarted
-server is reconnected to transparently.
+server is reconnected to transparently, and TCP keepalives with a bound on
+unacknowledged data (``PG_CONNECTION_OPTIONS``) so that a server or path
+that died silently fails a statement within about a minute.
 """
 
 from __future__ import annotations
@@ -21,6 +23,22 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, Operation
 
 from relay.config import redact_url
 from relay.errors import SpoolUnavailable
+
+
+#: libpq options of every PostgreSQL connection (the spool's and the LISTEN
+#: connection): TCP keepalives, and a bound (ms) on data left unacknowledged,
+#: so that a server or path that died without a word (a crashed host, a
+#: dropped route) fails the statement within about a minute instead of after
+#: the kernel's retransmission timeout (15 minutes or more) or, for an idle
+#: connection, two hours.  libpq ignores them on Unix-domain sockets.
+PG_CONNECTION_OPTIONS = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
+                         "keepalives_count": 3, "tcp_user_timeout": 30_000}
+
+
+def pg_connection_options(url: str) -> dict:
+    """PG_CONNECTION_OPTIONS but those the spool URL sets itself (its query wins)."""
+    given = make_url(url).query
+    return {k: v for k, v in PG_CONNECTION_OPTIONS.items() if k not in given}
 
 
 def is_sqlite(url: str) -> bool:
@@ -74,7 +92,7 @@ def create_spool_engine(url: str, *, busy_timeout: float = 5.0, pool_size: int =
         pool_use_lifo=True,
         pool_size=pool_size,
         max_overflow=pool_size,
-        connect_args={"connect_timeout": max(1, int(busy_timeout))},
+        connect_args={"connect_timeout": max(1, int(busy_timeout)), **pg_connection_options(url)},
     )
 
 

@@ -1,0 +1,77 @@
+"""Every PostgreSQL connection relay opens (the spool engine's pool, the
+direct writer's and the LISTEN connection) has TCP keepalives and a
+``tcp_user_timeout``, read back from the kernel's socket options; options
+the spool URL sets itself win."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from twisted.trial import unittest
+
+from relay.spool import open_spool
+from relay.spool.engine import PG_CONNECTION_OPTIONS, create_spool_engine
+from relay.testing import CallingReactor, scratch_pg_url
+from relay.wakeup import PostgresNotifyListener
+
+TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", 18)
+
+
+def socket_options(psycopg_conn) -> dict[str, int]:
+    """The keepalive options of a psycopg connection's TCP socket."""
+    sock = socket.socket(fileno=os.dup(psycopg_conn.pgconn.socket))
+    try:
+        return {
+            "keepalives": sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+            "keepalives_idle": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+            "keepalives_interval": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+            "keepalives_count": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+            "tcp_user_timeout": sock.getsockopt(socket.IPPROTO_TCP, TCP_USER_TIMEOUT),
+        }
+    finally:
+        sock.close()
+
+
+class KeepaliveTests(unittest.TestCase):
+
+    def setUp(self):
+        # 127.0.0.1 in the URL: a TCP connection (libpq ignores these on a Unix socket).
+        self.url = scratch_pg_url(self)
+        self.assertIn("127.0.0.1", self.url)
+
+    def test_engine_connections(self):
+        engine = create_spool_engine(self.url)
+        self.addCleanup(engine.dispose)
+        raw = engine.raw_connection()
+        try:
+            self.assertEqual(socket_options(raw.driver_connection), PG_CONNECTION_OPTIONS)
+        finally:
+            raw.close()
+
+    def test_direct_writer_connection(self):
+        spool = open_spool(self.url)
+        self.addCleanup(spool.close)
+        raw = spool._direct._checkout()
+        try:
+            self.assertEqual(socket_options(raw.driver_connection), PG_CONNECTION_OPTIONS)
+        finally:
+            spool._direct._checkin(raw)
+
+    def test_listen_connection(self):
+        listener = PostgresNotifyListener(self.url, CallingReactor(), lambda: None)
+        with listener.connect() as conn:
+            self.assertEqual(socket_options(conn), PG_CONNECTION_OPTIONS)
+
+    def test_the_url_wins(self):
+        url = self.url + ("&" if "?" in self.url else "?") + "keepalives_idle=77&tcp_user_timeout=5000"
+        expected = dict(PG_CONNECTION_OPTIONS, keepalives_idle=77, tcp_user_timeout=5000)
+        engine = create_spool_engine(url)
+        self.addCleanup(engine.dispose)
+        raw = engine.raw_connection()
+        try:
+            self.assertEqual(socket_options(raw.driver_connection), expected)
+        finally:
+            raw.close()
+        with PostgresNotifyListener(url, CallingReactor(), lambda: None).connect() as conn:
+            self.assertEqual(socket_options(conn), expected)
