@@ -33,6 +33,19 @@ def socket_options(psycopg_conn) -> dict[str, int]:
         sock.close()
 
 
+def engine_socket_options(url: str) -> dict[str, int]:
+    """socket_options of a connection from a new spool engine for ``url``."""
+    engine = create_spool_engine(url)
+    try:
+        raw = engine.raw_connection()
+        try:
+            return socket_options(raw.driver_connection)
+        finally:
+            raw.close()
+    finally:
+        engine.dispose()
+
+
 class KeepaliveTests(unittest.TestCase):
 
     def setUp(self):
@@ -41,13 +54,7 @@ class KeepaliveTests(unittest.TestCase):
         self.assertIn("127.0.0.1", self.url)
 
     def test_engine_connections(self):
-        engine = create_spool_engine(self.url)
-        self.addCleanup(engine.dispose)
-        raw = engine.raw_connection()
-        try:
-            self.assertEqual(socket_options(raw.driver_connection), PG_CONNECTION_OPTIONS)
-        finally:
-            raw.close()
+        self.assertEqual(engine_socket_options(self.url), PG_CONNECTION_OPTIONS)
 
     def test_direct_writer_connection(self):
         spool = open_spool(self.url)
@@ -66,12 +73,6 @@ class KeepaliveTests(unittest.TestCase):
     def test_the_url_wins(self):
         url = self.url + ("&" if "?" in self.url else "?") + "keepalives_idle=77&tcp_user_timeout=5000"
         expected = dict(PG_CONNECTION_OPTIONS, keepalives_idle=77, tcp_user_timeout=5000)
-        engine = create_spool_engine(url)
-        self.addCleanup(engine.dispose)
-        raw = engine.raw_connection()
-        try:
-            self.assertEqual(socket_options(raw.driver_connection), expected)
-        finally:
-            raw.close()
+        self.assertEqual(engine_socket_options(url), expected)
         with PostgresNotifyListener(url, CallingReactor(), lambda: None).connect() as conn:
             self.assertEqual(socket_options(conn), expected)
