@@ -106,11 +106,17 @@ MAX_RECIPIENTS = 1000
 MAX_HELD_BYTES = 256 * 1024
 #: Idle timeout of a session, seconds (RFC 5321 §4.5.3.2.7: server timeout 5 minutes).
 SESSION_TIMEOUT = 300
+#: Failed AUTH attempts after which a session is closed with 421 (each is logged).
+AUTH_FAILURE_LIMIT = 3
+#: Commands of RFC 5321 and its extensions this listener knows but does not
+#: offer: 502 (not implemented), where an unknown command gets 500.
+NOT_IMPLEMENTED = frozenset({b"EXPN", b"HELP", b"ETRN", b"TURN", b"ATRN", b"BDAT", b"SEND", b"SOML", b"SAML"})
 
 _MAIL_RE = re.compile(rb"FROM:[ \t]*<(?P<path>[^<>]*)>(?P<params>(?:[ \t]+.*)?)\Z", re.I | re.S)
 _RCPT_RE = re.compile(rb"TO:[ \t]*<(?P<path>[^<>]*)>(?P<params>(?:[ \t]+.*)?)\Z", re.I | re.S)
 _PARAM_RE = re.compile(rb"(?P<key>[A-Za-z0-9][A-Za-z0-9-]*)(?:=(?P<value>[\x21-\x3c\x3e-\x7e]+))?\Z")
 _HELO_UNSAFE = re.compile(r"[^\x21-\x7e]|[()\\]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @functools.lru_cache(maxsize=1024)
@@ -502,7 +508,7 @@ class SubmittedMessage:
         try:
             message = parse_submitted(raw, sender=self.txn.sender, recipients=self.txn.recipients)
         except BadMessage as e:
-            return defer.fail(smtp.SMTPServerError(554, _reply(f"5.6.0 {e}")))
+            return defer.fail(smtp.SMTPServerError(501, _reply(f"5.6.0 {e}")))
         message = replace(message, data=self.txn.received + message.data)
         d = self.settings.committer.submit(message)
         self.proto.commitStarted(d)
@@ -577,6 +583,7 @@ class SubmissionProtocol(smtp.ESMTP):
         self._paused = False
         self._closed = False
         self._refused = False
+        self._auth_failures = 0
         self._loopback = False
         #: Set by STARTTLS: the rest of the read it came in is plaintext to drop.
         self._drop_lines = False
@@ -731,7 +738,7 @@ class SubmissionProtocol(smtp.ESMTP):
 
     def lineLengthExceeded(self, line):
         if self.mode == smtp.DATA:
-            self.sendCode(500, b"5.6.0 A line of the message is too long; nothing was queued.")
+            self.sendCode(501, b"5.6.0 A line of the message is too long; nothing was queued.")
         else:
             self.sendCode(500, b"5.5.2 Line too long.")
         # Resynchronising with the client after a cut line is guesswork (the
@@ -742,9 +749,21 @@ class SubmissionProtocol(smtp.ESMTP):
 
     def lookupMethod(self, command):
         try:
-            return smtp.ESMTP.lookupMethod(self, command)
+            method = smtp.ESMTP.lookupMethod(self, command)
         except UnicodeError:
             return None
+        if method is None and command.upper() in NOT_IMPLEMENTED:
+            return self._not_implemented
+        return method
+
+    def _not_implemented(self, rest):
+        self.sendCode(502, b"5.5.1 Command not implemented.")
+
+    def do_UNKNOWN(self, rest):
+        self.sendCode(500, b"5.5.2 Command not recognized.")
+
+    def sendSyntaxError(self):
+        self.sendCode(500, b"5.5.2 Syntax error: empty command.")
 
     @property
     def holding(self) -> bool:
@@ -789,11 +808,17 @@ class SubmissionProtocol(smtp.ESMTP):
 
     # commands --------------------------------------------------------------
     def do_HELO(self, rest):
+        if not rest.strip():
+            self.sendCode(501, b"5.5.4 Syntax: HELO hostname")
+            return
         self.esmtp = False
         smtp.ESMTP.do_HELO(self, rest)     # resets the transaction
         self._left_transaction()
 
     def do_EHLO(self, rest):
+        if not rest.strip():
+            self.sendCode(501, b"5.5.4 Syntax: EHLO hostname")
+            return
         self.esmtp = True
         smtp.ESMTP.do_EHLO(self, rest)     # resets the transaction
         self._left_transaction()
@@ -987,9 +1012,9 @@ class SubmissionProtocol(smtp.ESMTP):
         self._release()
 
     def ext_STARTTLS(self, rest):
-        """RFC 3207.  Without TLS configured, Twisted's 454 as before."""
+        """RFC 3207.  Without TLS configured, 502: it is not offered."""
         if self.ctx is None:
-            smtp.ESMTP.ext_STARTTLS(self, rest)
+            self.sendCode(502, b"5.5.1 STARTTLS is not offered here.")
             return
         if rest:
             self.sendCode(501, b"5.5.4 Syntax: STARTTLS")
@@ -1035,6 +1060,12 @@ class SubmissionProtocol(smtp.ESMTP):
 
     # AUTH hardening: a malformed command or response is a 501, not a dropped connection.
     def ext_AUTH(self, rest):
+        if not self.esmtp:      # RFC 4954: an extension, offered in the EHLO reply
+            self.sendCode(503, b"5.5.1 Send EHLO first.")
+            return
+        if self.authenticated:
+            self.sendCode(503, b"5.5.1 Already authenticated.")
+            return
         if self.needs_tls_first:
             self.sendCode(530, _TLS_FIRST)
             return
@@ -1060,6 +1091,29 @@ class SubmissionProtocol(smtp.ESMTP):
             self.sendCode(501, b"5.5.2 Malformed authentication response.")
             self.challenger = None
             self.mode = smtp.COMMAND
+
+    def _ebAuthenticated(self, reason):
+        """A failed login: 535 and a log line naming the user and the client
+        (for fail2ban and the like); after AUTH_FAILURE_LIMIT in one session,
+        421 and the connection is closed."""
+        user = getattr(self.challenger, "username", None)
+        self.challenger = None
+        if not reason.check(cred_error.UnauthorizedLogin):
+            log.failure("AUTH failed with a local error", reason)
+            self.sendCode(454, b"4.7.0 Temporary authentication failure.")
+            return
+        self._auth_failures += 1
+        if isinstance(user, bytes):
+            user = user.decode("utf-8", "backslashreplace")
+        log.warn("AUTH failed for user {user} from {client} ({n} of {limit} allowed in this session)",
+                 user=repr(_CONTROL.sub("?", user or "")[:64]), client=getattr(self.transport.getPeer(), "host", "?"),
+                 n=self._auth_failures, limit=AUTH_FAILURE_LIMIT)
+        if self._auth_failures >= AUTH_FAILURE_LIMIT:
+            self._closed = True
+            self.sendCode(421, self.host + b" 4.7.0 Too many failed authentications; closing the connection.")
+            self.transport.loseConnection()
+            return
+        self.sendCode(535, b"5.7.8 Authentication credentials invalid.")
 
 
 def _ascii_path(path: bytes) -> str | None:

@@ -511,8 +511,9 @@ class SubmissionScenarios:
         self.assertEqual(self.messages(), 1)
 
     @defer.inlineCallbacks
-    def test_bad_content_refused_with_554(self):
-        """A line over 998 octets or an empty message -> 554 5.6.0 with the sentence; nothing queued."""
+    def test_bad_content_refused_with_501(self):
+        """A line over 998 octets or an empty message -> 501 5.6.0 with the sentence (SPEC "Content":
+        SMTP 501 or 553); nothing queued."""
         self.start_listener(max_message_size=100_000)
 
         def client():
@@ -529,9 +530,9 @@ class SubmissionScenarios:
                 s.quit()
 
         long_line, empty = yield threads.deferToThread(client)
-        self.assertEqual(long_line[0], 554)
+        self.assertEqual(long_line[0], 501)
         self.assertIn(b"5.6.0 Line 3 of the message is 999 octets long", long_line[1])
-        self.assertEqual(empty, (554, b"5.6.0 The message is empty."))
+        self.assertEqual(empty, (501, b"5.6.0 The message is empty."))
         self.assertEqual(self.messages(), 0)
 
     # -- addresses -------------------------------------------------------

@@ -76,11 +76,11 @@ def test_bulk_path_stores_what_the_line_path_stores(name, size):
 
 
 def test_a_line_over_the_limit_still_closes():
-    """A data line longer than MAX_LENGTH gets 500 and the connection is closed, as before."""
+    """A data line longer than MAX_LENGTH gets 501 5.6.0 (SPEC "Content") and the connection is closed."""
     wire = ENVELOPE + b"Subject: x\r\n\r\n" + b"z" * (SubmissionProtocol.MAX_LENGTH + 10) + b"\r\n.\r\n"
     for proto_class in (LineByLine, SubmissionProtocol):
         replies, data, _, transport = session(proto_class, [wire])
-        assert replies[-1] == b"500" and data == []
+        assert replies[-1] == b"501" and data == []
         assert transport.disconnecting
 
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
+import base64
 
-from tests.unit.submission_fakes import Session, code
+import pytest
+from twisted.logger import formatEvent, globalLogPublisher
+
+from relay.submission import AUTH_FAILURE_LIMIT
+from tests.unit.submission_fakes import PLAIN_OK, REMOTE, Session, code
 
 MAIL = b"MAIL FROM:<a@s.test>"
 
@@ -31,3 +35,59 @@ def test_mail_and_rcpt_replies(before, command, reply):
     for line in before:
         assert code(s.cmd(line)) == [b"250 2.1.0"]
     assert code(s.cmd(command)) == [reply]
+
+
+@pytest.mark.parametrize("command, reply", [
+    (b"EHLO", b"501 5.5.4 Syntax: EHLO hostname"),
+    (b"HELO ", b"501 5.5.4 Syntax: HELO hostname"),
+    (b"EXPN staff", b"502 5.5.1 Command not implemented."),       # known, not offered
+    (b"BDAT 10 LAST", b"502 5.5.1 Command not implemented."),
+    (b"FROB x", b"500 5.5.2 Command not recognized."),            # unknown
+    (b"", b"500 5.5.2 Syntax error: empty command."),
+    (b"AUTH PLAIN " + base64.b64encode(b"\0alice\0s3cret"), b"503 5.5.1 Send EHLO first."),
+])
+def test_session_command_replies(command, reply):
+    """Replies with the code RFC 5321 gives them (and an enhanced status), before and outside a transaction."""
+    s = Session(users=True)
+    assert s.cmd(command) == [reply]
+
+
+class FailedLogins:
+    """The relay.submission log's 'AUTH failed' events while in use."""
+
+    def __enter__(self):
+        self.events = []
+        globalLogPublisher.addObserver(self.observe)
+        return self.events
+
+    def observe(self, event):
+        if event.get("log_namespace") == "relay.submission" and "AUTH failed" in event.get("log_format", ""):
+            self.events.append(formatEvent(event))
+
+    def __exit__(self, *exc):
+        globalLogPublisher.removeObserver(self.observe)
+
+
+def test_failed_logins_are_logged_and_limited():
+    """Each wrong password: 535 5.7.8 and a log line naming the user and the client; the
+    AUTH_FAILURE_LIMIT-th: 421 and the connection closes.  A good login after fewer failures works."""
+    wrong = b"AUTH PLAIN " + base64.b64encode(b"\0alice\0guess")
+    s = Session(REMOTE, users=True)
+    s.ehlo()
+    with FailedLogins() as logged:
+        for _ in range(AUTH_FAILURE_LIMIT - 1):
+            assert s.cmd(wrong) == [b"535 5.7.8 Authentication credentials invalid."]
+        assert not s.transport.disconnecting
+        assert code(s.cmd(wrong)) == [b"421 relay.test"]
+        assert b"4.7.0 Too many failed authentications" in s.transport.value()
+        assert s.transport.disconnecting
+    assert len(logged) == AUTH_FAILURE_LIMIT
+    assert logged[0] == f"AUTH failed for user 'alice' from 192.0.2.7 (1 of {AUTH_FAILURE_LIMIT} allowed in this session)"
+
+    s = Session(REMOTE, users=True)
+    s.ehlo()
+    with FailedLogins():
+        assert code(s.cmd(wrong)) == [b"535 5.7.8"]
+    assert code(s.cmd(PLAIN_OK)) == [b"235 Authentication"]
+    assert s.cmd(PLAIN_OK) == [b"503 5.5.1 Already authenticated."]
+    assert code(s.cmd(b"MAIL FROM:<a@s.test>")) == [b"250 2.1.0"]

@@ -49,11 +49,11 @@ def test_loopback_client_keeps_plaintext_auth():
 
 
 def test_without_tls_configured_nothing_changes():
-    """No TLS files: EHLO has no STARTTLS, a remote client is offered AUTH in plaintext, STARTTLS -> Twisted's 454."""
+    """No TLS files: EHLO has no STARTTLS, a remote client is offered AUTH in plaintext, STARTTLS -> 502 (not offered)."""
     s = Session(REMOTE, tls=False)
     features = s.ehlo()
     assert b"STARTTLS" not in features and b"AUTH" in features
-    assert s.cmd(b"STARTTLS") == [b"454 TLS not available"]
+    assert s.cmd(b"STARTTLS") == [b"502 5.5.1 STARTTLS is not offered here."]
     assert code(s.cmd(PLAIN_OK)) == [b"235 Authentication"]
     assert code(s.cmd(b"MAIL FROM:<app@sender.test>")) == [b"250 2.1.0"]
     assert s.transport.tls_at is None
@@ -81,6 +81,8 @@ def test_tls_forgets_helo_transaction_and_auth():
     assert code(s.cmd(b"RCPT TO:<rcpt@dest.test>")) == [b"503 5.5.1"]
     assert code(s.cmd(b"MAIL FROM:<app@sender.test>")) == [b"530 5.7.0"]   # AUTH again, please
     assert s.cmd(b"MAIL FROM:<app@sender.test>") == [b"530 5.7.0 Authentication required."]
+    assert s.cmd(PLAIN_OK) == [b"503 5.5.1 Send EHLO first."]           # RFC 3207: EHLO again after TLS
+    s.ehlo()
     assert code(s.cmd(PLAIN_OK)) == [b"235 Authentication"]
     assert code(s.cmd(b"MAIL FROM:<app@sender.test>")) == [b"250 2.1.0"]
 
