@@ -93,6 +93,20 @@ def parse_hostport(value: str, key: str, default_port: int | None = None) -> tup
     return host, port
 
 
+def parse_listen(value: str, key: str) -> tuple[str, int]:
+    """A listening ``"HOST:PORT"`` (``submission.listen``, ``metrics.listen``):
+    the host must be an IP address or ``localhost``, returned as
+    ``127.0.0.1``.  Raises ConfigError."""
+    host, port = parse_hostport(value, key)
+    if host.lower() == "localhost":
+        return "127.0.0.1", port
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])     # an IPv6 scope (fe80::1%eth0) allowed
+    except ValueError:
+        raise ConfigError(f"{key} must name an IP address or localhost, not {host!r}.") from None
+    return host, port
+
+
 def default_spool_path() -> Path:
     """The embedded SQLite spool shared by ``relayctl`` and ``relayd``.
 
@@ -225,6 +239,13 @@ def _listen(value: object, key: str) -> str:
     return value
 
 
+def _listen_ip(value: object, key: str) -> str:
+    value = _string(value, key)
+    if value:
+        parse_listen(value, key)
+    return value
+
+
 def _nameservers(value: object, key: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ConfigError(f"{key} must be a list of \"HOST\" or \"HOST:PORT\" strings, not {value!r}.")
@@ -274,6 +295,10 @@ def _cpu_list(value: object, key: str) -> tuple[int, ...]:
 def _users(value: object, key: str) -> Mapping[str, str]:
     if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
         raise ConfigError(f"{key} must be a table of user name = \"password\" strings.")
+    for name, password in value.items():
+        if not password:    # AUTH would let in anyone who guesses the name
+            where = f"{key}.{name}" if re.fullmatch(r"[A-Za-z0-9_-]+", name) else f'{key}."{name}"'
+            raise ConfigError(f"{where} has an empty password; give every submission user a password.")
     return MappingProxyType(dict(value))
 
 
@@ -345,7 +370,7 @@ _KEYS: dict[str, tuple[str, Any]] = {
     "submission.tls_cert": ("submission_tls_cert", _string),
     "submission.tls_key": ("submission_tls_key", _string),
     "submission.commit_delay": ("commit_delay", _commit_delay),
-    "metrics.listen": ("metrics_listen", _listen),
+    "metrics.listen": ("metrics_listen", _listen_ip),
 }
 _SECTIONS = {k.split(".")[0] for k in _KEYS} | {"routes"}
 

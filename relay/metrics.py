@@ -66,10 +66,11 @@ Reason classes (``reason`` label), a fixed set of eight -- see
 
 The deferred counter is by definition the 4xx class and the bounced counter
 the 5xx class (plus ``expired``), so the class is not a separate label.  The
-enhanced status is read from the reply text when ``outcome`` is given
-``text=``; without it (the drain passes only the code today) the class comes
-from the code alone, so e.g. a DNS failure (``451 4.4.3``) counts as
-``other`` and an NXDOMAIN bounce (``550 5.1.2``) as ``mailbox``.
+drain passes every attempt's reply text to ``outcome`` (``text=``) and the
+class comes from its enhanced status, so e.g. a DNS failure (``451 4.4.3``)
+counts as ``dns`` and an NXDOMAIN bounce (``550 5.1.2``) as ``dns`` too; a
+reply without an enhanced status is classed by its code alone (``451 try
+later`` is ``other``).
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ from twisted.python.failure import Failure
 from twisted.web import resource, server
 
 from relay import replies
-from relay.config import Config, parse_hostport, redact_url
+from relay.config import Config, parse_listen, redact_url
 from relay.errors import CannotListen, RelayError
 from relay.model import State, SpoolStatus
 
@@ -548,9 +549,11 @@ class MetricsService(service.Service):
 
 def build_metrics_service(config: Config, metrics: RelayMetrics, spool, reactor, *,
                           refresh_interval: float = 5.0, health_timeout: float = 2.0) -> MetricsService | None:
-    """The metrics endpoint for ``config.metrics_listen``, or None when it is ``""`` (off)."""
+    """The metrics endpoint for ``config.metrics_listen``, or None when it is ``""`` (off).
+
+    Raises ConfigError when its host is not an IP address or ``localhost``."""
     if not config.metrics_listen:
         return None
-    host, port = parse_hostport(config.metrics_listen, "metrics.listen")
+    host, port = parse_listen(config.metrics_listen, "metrics.listen")
     return MetricsService(host=host, port=port, metrics=metrics, spool=spool, reactor=reactor,
                           refresh_interval=refresh_interval, health_timeout=health_timeout)

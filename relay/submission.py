@@ -84,7 +84,7 @@ from twisted.mail.imap4 import LOGINCredentials, PLAINCredentials
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relay.config import Config, check_tls_pair, parse_hostport
+from relay.config import Config, check_tls_pair, parse_hostport, parse_listen
 from relay.errors import BadMessage, CannotListen, ConfigError, SpoolUnavailable
 from relay.message import parse_submitted, validate_address, validate_sender
 from relay.model import NewMessage
@@ -1283,16 +1283,10 @@ def check_submission_config(config: Config) -> ssl.CertificateOptions | None:
 def _listen_address(config: Config) -> tuple[str, int] | None:
     if not config.submission_listen:
         return None
-    host, port = parse_hostport(config.submission_listen, "submission.listen")
-    if host.lower() == "localhost":
-        host = "127.0.0.1"
-    if not config.submission_users and not is_loopback(host):
+    host, _ = parse_hostport(config.submission_listen, "submission.listen")
+    if not config.submission_users and not (host.lower() == "localhost" or is_loopback(host)):
         raise ConfigError(OPEN_RELAY)
-    try:
-        ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        raise ConfigError(f"submission.listen must name an IP address or localhost, not {host!r}.") from None
-    return host, port
+    return parse_listen(config.submission_listen, "submission.listen")
 
 
 def build_submission_service(config: Config, spool, reactor, *,

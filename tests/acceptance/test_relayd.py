@@ -253,6 +253,15 @@ def test_unreadable_submission_tls_file_exits_64_with_one_sentence(spool_url, tm
                                     f"submission.tls_cert {missing} cannot be read (no such file or directory).")
 
 
+def test_metrics_listen_host_name_exits_64_with_one_sentence(spool_url, tmp_path, procs):
+    """metrics.listen naming a host, not an address: relayd exits 64 with one sentence before the spool
+    (not 69 after failing to listen, which the systemd unit would restart for ever)."""
+    config = write_config(tmp_path / "relay.toml", spool_url=spool_url, node="node-metrics",
+                          extra={"metrics": {"listen": "metrics.invalid:27599"}})
+    assert_refused_before_the_spool(procs.relayd(config), spool_url,
+                                    "metrics.listen must name an IP address or localhost, not 'metrics.invalid'.")
+
+
 @pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
 def test_unavailable_spool_exits_75_with_one_sentence(dialect, tmp_path, procs):
     """An unreachable PostgreSQL spool, or an SQLite spool whose directory cannot exist, makes relayd exit 75 with one sentence."""

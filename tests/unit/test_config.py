@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from relay.config import Route, load_config
+from relay.config import Route, load_config, parse_listen
 from relay.errors import ConfigError
 
 
@@ -96,3 +96,38 @@ def test_submission_commit_delay_is_at_most_100ms(tmp_path, value):
     """A minute written for a millisecond ("1m") is refused, not waited before every commit."""
     with pytest.raises(ConfigError, match=r'submission.commit_delay must be at most "100ms".*"m" means minutes'):
         _load(tmp_path, f"[submission]\ncommit_delay = {value}\n")
+
+
+def test_submission_users_load_as_a_table_of_passwords(tmp_path):
+    config = _load(tmp_path, '[submission.users]\nwebapp = "s3cret"\n"app@example.test" = "0ther"\n')
+    assert dict(config.submission_users) == {"webapp": "s3cret", "app@example.test": "0ther"}
+
+
+@pytest.mark.parametrize("user, where", [("webapp", "submission.users.webapp"),
+                                         ('"app@example.test"', 'submission.users."app@example.test"')])
+def test_submission_user_with_an_empty_password_is_refused(tmp_path, user, where):
+    """An empty password would let AUTH PLAIN in anyone who guesses the name (an open relay on 0.0.0.0)."""
+    with pytest.raises(ConfigError) as caught:
+        _load(tmp_path, f'[submission.users]\nalice = "s3cret"\n{user} = ""\n')
+    assert str(caught.value) == f"{where} has an empty password; give every submission user a password."
+    assert "s3cret" not in str(caught.value)
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:9100", "[::1]:9100", "localhost:9100", "0.0.0.0:9100"])
+def test_metrics_listen_takes_an_ip_address_or_localhost(tmp_path, listen):
+    assert _load(tmp_path, f'[metrics]\nlisten = "{listen}"\n').metrics_listen == listen
+
+
+def test_metrics_listen_host_name_is_refused(tmp_path):
+    """A host name is refused when the file is read (relayd exits 64), not when relayd fails to listen (69, restarted)."""
+    with pytest.raises(ConfigError) as caught:
+        _load(tmp_path, '[metrics]\nlisten = "metrics.invalid:27599"\n')
+    assert str(caught.value) == "metrics.listen must name an IP address or localhost, not 'metrics.invalid'."
+
+
+def test_parse_listen_maps_localhost_to_loopback():
+    """The check of listening addresses shared by submission.listen and metrics.listen."""
+    assert parse_listen("localhost:2525", "submission.listen") == ("127.0.0.1", 2525)
+    assert parse_listen("[::1]:2525", "submission.listen") == ("::1", 2525)
+    with pytest.raises(ConfigError, match=r"^submission.listen must name an IP address or localhost, not 'sub.invalid'.$"):
+        parse_listen("sub.invalid:2525", "submission.listen")
