@@ -200,9 +200,20 @@ class SQLSpool:
 
     def ping(self) -> None:
         """Read one row of the spool's recipients: fails when the database is
-        unreachable, the schema missing or the table locked (PING_TIMEOUT)."""
+        unreachable, the schema missing or the table locked (PING_TIMEOUT).
+
+        SQLite (WAL) reads while another process holds the write lock, so
+        there the ping also takes the write lock and gives it back at once
+        (``BEGIN IMMEDIATE``, ``ROLLBACK``: nothing written), in this
+        process's writer turn: a lock held longer than the busy timeout
+        fails it."""
         with self._read(self.PING_TIMEOUT) as conn:
             conn.execute(select(R.c.id).limit(1)).all()
+        if self.dialect == "sqlite":
+            with self._writer_turn(), spool_errors(self.url), self.engine.connect() as conn:
+                conn = conn.execution_options(**write_options(self.dialect))
+                conn.begin()
+                conn.rollback()
 
     # -- enqueue --------------------------------------------------------
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import tempfile
 import time
 
@@ -377,6 +378,32 @@ class MetricsSQLiteTests(MetricsScenarios, unittest.TestCase):
 
         self.addCleanup(lambda: os.path.isdir(self.db_path) and restore())
         return spool, restore
+
+    @defer.inlineCallbacks
+    def test_healthz_503_while_the_spool_is_locked(self):
+        """Another process holding SQLite's write lock longer than the spool's
+        busy timeout makes /healthz say 503 with one line (WAL reads still
+        work then, so the ping takes the write lock too), and 200 once the
+        lock is gone."""
+        spool = DeferredSpool(open_spool(self.spool_url, busy_timeout=0.3), reactor)
+        spool.start()
+        self.addCleanup(spool.stop)
+        self.start_metrics(spool, refresh_interval=60, health_timeout=5.0)
+        code, _, body = yield fetch(self.base + "/healthz")
+        self.assertEqual((code, body), (200, b"ok\n"))
+        locker = sqlite3.connect(self.db_path, isolation_level=None, timeout=0.1)
+        self.addCleanup(locker.close)
+        locker.execute("BEGIN EXCLUSIVE")
+        started = time.monotonic()
+        code, _, body = yield fetch(self.base + "/healthz")
+        waited = time.monotonic() - started
+        self.assertEqual(code, 503, body)
+        self.assertEqual(body.count(b"\n"), 1, body)
+        self.assertIn(b"locked", body.lower())
+        self.assertLess(waited, 4.0, "the ping gave up after the busy timeout, not the health timeout")
+        locker.execute("ROLLBACK")
+        code, _, body = yield fetch(self.base + "/healthz")
+        self.assertEqual((code, body), (200, b"ok\n"))
 
 
 class MetricsPostgreSQLTests(MetricsScenarios, unittest.TestCase):

@@ -5,8 +5,13 @@ transaction, and re-reads the pages from the WAL)."""
 
 from __future__ import annotations
 
+import sqlite3
+import time
+
+import pytest
 from sqlalchemy import event
 
+from relay.errors import SpoolUnavailable
 from relay.model import NewMessage, Outcome, State
 from relay.spool import open_spool
 
@@ -33,4 +38,31 @@ def test_listener_commits_and_the_drains_writes_share_one_connection(tmp_path):
         assert spool.engine.pool.checkedout() == 0      # the listener's commit gave it back
         assert spool.status(T0 + 10).recipients["delivered"] == 3
     finally:
+        spool.close()
+
+
+def test_ping_takes_the_write_lock_and_writes_nothing(tmp_path):
+    """WAL reads work while another process holds the write lock, so the ping
+    also takes it (BEGIN IMMEDIATE, ROLLBACK): a lock held longer than the
+    busy timeout fails the ping; a free one is given back with nothing written."""
+    path = tmp_path / "spool.db"
+    spool = open_spool(f"sqlite:///{path}", busy_timeout=0.2)
+    other = sqlite3.connect(path, isolation_level=None, timeout=0.1)
+    try:
+        spool.enqueue([message(1)], T0)
+        version = other.execute("PRAGMA data_version").fetchone()[0]
+        wal_size = (tmp_path / "spool.db-wal").stat().st_size
+        spool.ping()
+        assert other.execute("PRAGMA data_version").fetchone()[0] == version, "the ping wrote"
+        assert (tmp_path / "spool.db-wal").stat().st_size == wal_size
+        other.execute("BEGIN EXCLUSIVE")
+        started = time.monotonic()
+        with pytest.raises(SpoolUnavailable, match="is locked by another process"):
+            spool.ping()
+        assert time.monotonic() - started < 2.0
+        other.execute("ROLLBACK")
+        spool.ping()
+        assert not spool._write_lock.locked()
+    finally:
+        other.close()
         spool.close()
