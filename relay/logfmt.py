@@ -100,3 +100,13 @@ def format_attempt(
         f"delay={format_delay(delay)}, attempts={attempts}, status={status_word(status)}"
     )
     return f"{line} ({reason})" if reason else line
+
+
+def format_accepted(*, queue_id: str, sender: str, size: int, nrcpt: int, client: str,
+                    user: str | None = None) -> str:
+    """The log line for a message the submission listener queued, once it
+    is committed: ``ID: from=<sender>, size=N, nrcpt=N, client=IP`` and,
+    after AUTH, ``, sasl_username=NAME`` (Postfix's names for these)."""
+    line = (f"{_one_line(queue_id)}: from=<{_one_line(sender)}>, size={size}, nrcpt={nrcpt}, "
+            f"client={_one_line(client)}")
+    return f"{line}, sasl_username={_one_line(user)}" if user else line

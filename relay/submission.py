@@ -86,6 +86,7 @@ from zope.interface import implementer
 
 from relay.config import Config, check_tls_pair, parse_hostport, parse_listen
 from relay.errors import BadMessage, CannotListen, ConfigError, SpoolUnavailable
+from relay.logfmt import format_accepted
 from relay.message import parse_submitted, validate_address, validate_sender
 from relay.model import NewMessage
 from relay.sendnow import close_now, flush_now, write_now
@@ -415,6 +416,8 @@ class _Settings:
     transactions: set = field(default_factory=set)
     #: ``submission.tls_cert``/``tls_key`` loaded (:func:`load_submission_tls`); None = no STARTTLS.
     tls: ssl.CertificateOptions | None = None
+    #: Takes the line logged for each message once committed (logfmt.format_accepted).
+    log_line: Callable[[str], None] = field(default=lambda line: log.info("{line}", line=line))
 
 
 @implementer(smtp.IMessageDelivery)
@@ -512,7 +515,18 @@ class SubmittedMessage:
         message = replace(message, data=self.txn.received + message.data)
         d = self.settings.committer.submit(message)
         self.proto.commitStarted(d)
+        d.addCallback(self._log_accepted, message)
         return d.addErrback(_spool_error)
+
+    def _log_accepted(self, qid: str, message: NewMessage) -> str:
+        """Log the committed message; never fails (the client must get its 250)."""
+        try:
+            self.settings.log_line(format_accepted(
+                queue_id=qid, sender=message.sender, size=len(message.data), nrcpt=len(message.recipients),
+                client=self.proto.client_ip, user=getattr(self.proto.delivery, "user", None)))
+        except Exception:  # noqa: BLE001 - a log line must not turn a queued message into a 451
+            log.failure("{qid}: could not log the accepted message", qid=qid)
+        return qid
 
     def connectionLost(self) -> None:
         self.lines = None
@@ -584,6 +598,8 @@ class SubmissionProtocol(smtp.ESMTP):
         self._closed = False
         self._refused = False
         self._auth_failures = 0
+        #: The client's IP address, for the log (set when connected).
+        self.client_ip = "?"
         self._loopback = False
         #: Set by STARTTLS: the rest of the read it came in is plaintext to drop.
         self._drop_lines = False
@@ -595,6 +611,7 @@ class SubmissionProtocol(smtp.ESMTP):
     # connection ----------------------------------------------------------
     def connectionMade(self):
         peer = self.transport.getPeer()
+        self.client_ip = getattr(peer, "host", "?")
         self._loopback = is_loopback(getattr(peer, "host", ""))
         if not self.settings.requires_auth and not self._loopback:
             self._refused = True
@@ -1106,7 +1123,7 @@ class SubmissionProtocol(smtp.ESMTP):
         if isinstance(user, bytes):
             user = user.decode("utf-8", "backslashreplace")
         log.warn("AUTH failed for user {user} from {client} ({n} of {limit} allowed in this session)",
-                 user=repr(_CONTROL.sub("?", user or "")[:64]), client=getattr(self.transport.getPeer(), "host", "?"),
+                 user=repr(_CONTROL.sub("?", user or "")[:64]), client=self.client_ip,
                  n=self._auth_failures, limit=AUTH_FAILURE_LIMIT)
         if self._auth_failures >= AUTH_FAILURE_LIMIT:
             self._closed = True
@@ -1292,7 +1309,8 @@ def _listen_address(config: Config) -> tuple[str, int] | None:
 def build_submission_service(config: Config, spool, reactor, *,
                              on_enqueued: Callable[[], None] = lambda: None,
                              handoff=None, metrics=None,
-                             tls: ssl.CertificateOptions | None = None) -> service.Service | None:
+                             tls: ssl.CertificateOptions | None = None,
+                             log_line: Callable[[str], None] | None = None) -> service.Service | None:
     """The submission listener for ``config`` (None when ``submission.listen`` is empty).
 
     ``spool`` is the DeferredSpool; ``handoff`` (relayd's DrainService,
@@ -1301,7 +1319,8 @@ def build_submission_service(config: Config, spool, reactor, *,
     passes ``DrainService.wake``); ``metrics`` (optional) gets
     ``submission_committed(n)`` per commit; ``tls`` (optional) the TLS
     options :func:`check_submission_config` loaded, else they are loaded
-    here.  Raises ConfigError as :func:`check_submission_config`.
+    here; ``log_line`` (optional) takes each queued message's log line
+    instead of twisted.logger.  Raises ConfigError as :func:`check_submission_config`.
     """
     where = _listen_address(config)
     if where is None:
@@ -1325,6 +1344,8 @@ def build_submission_service(config: Config, spool, reactor, *,
                                max_in_flight=commits_in_flight(config.spool_url))
     settings = _Settings(hostname=config.hostname, max_size=config.max_message_size, committer=committer,
                          requires_auth=bool(config.submission_users), tls=tls, transactions=transactions)
+    if log_line is not None:
+        settings.log_line = log_line
     portal = None
     if config.submission_users:
         portal = Portal(SubmissionRealm(settings), [UsersChecker(config.submission_users)])

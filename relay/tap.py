@@ -112,7 +112,8 @@ class RelayService(service.MultiService):
 def build_service(config: Config, reactor=None, *, trust_root=None, attempt_log=None) -> RelayService:
     """Every relayd service for ``config``: the drain (and, when configured,
     the submission listener and the metrics endpoint).  ``attempt_log``
-    (optional) takes the drain's per-attempt log lines instead of twisted.logger."""
+    (optional) takes the drain's per-attempt log lines and the listener's
+    per-message ones instead of twisted.logger."""
     if reactor is None:
         from twisted.internet import reactor as global_reactor
         reactor = global_reactor
@@ -133,7 +134,8 @@ def build_service(config: Config, reactor=None, *, trust_root=None, attempt_log=
     if wakeup is not None:
         wakeup.setServiceParent(top)
     submission = build_submission_service(config, deferred_spool, reactor, on_enqueued=drain.wake,
-                                          handoff=drain, metrics=metrics, tls=submission_tls)
+                                          handoff=drain, metrics=metrics, tls=submission_tls,
+                                          log_line=attempt_log)
     if submission is not None:
         submission.setServiceParent(top)
     metrics_service = build_metrics_service(config, metrics, deferred_spool, reactor)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from relay.logfmt import format_attempt, format_delay, relay_label, status_word
+from relay.logfmt import format_accepted, format_attempt, format_delay, relay_label, status_word
 from relay.model import State
 
 
@@ -142,3 +142,11 @@ def test_format_delay(delay, text):
 def test_relay_label(host, address, port, label):
     """A relay is named host[address]:port."""
     assert relay_label(host, address, port) == label
+
+
+def test_format_accepted():
+    """Postfix's field names; sasl_username only after AUTH; client input kept on one line."""
+    assert format_accepted(queue_id="Q1", sender="app@s.test", size=1234, nrcpt=2, client="127.0.0.1") \
+        == "Q1: from=<app@s.test>, size=1234, nrcpt=2, client=127.0.0.1"
+    assert format_accepted(queue_id="Q1", sender="", size=9, nrcpt=1, client="::1", user="web\napp") \
+        == "Q1: from=<>, size=9, nrcpt=1, client=::1, sasl_username=web?app"

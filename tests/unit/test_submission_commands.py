@@ -91,3 +91,36 @@ def test_failed_logins_are_logged_and_limited():
     assert code(s.cmd(PLAIN_OK)) == [b"235 Authentication"]
     assert s.cmd(PLAIN_OK) == [b"503 5.5.1 Already authenticated."]
     assert code(s.cmd(b"MAIL FROM:<a@s.test>")) == [b"250 2.1.0"]
+
+
+MESSAGE = b"MAIL FROM:<a@s.test>\r\nRCPT TO:<b@r.test>\r\nRCPT TO:<c@r.test>\r\nDATA\r\nSubject: x\r\n\r\nhi\r\n.\r\n"
+
+
+def test_a_queued_message_is_logged_once_committed():
+    """One line per queued message, after the commit: queue id, sender, stored size, recipients, client."""
+    s = Session()
+    lines: list[str] = []
+    s.proto.settings.log_line = lines.append
+    s.ehlo()
+    assert code(s.send(MESSAGE))[-1] == b"250 2.0.0"
+    [stored] = s.spool.messages
+    assert lines == [f"Q0: from=<a@s.test>, size={len(stored.data)}, nrcpt=2, client=127.0.0.1"]
+    assert code(s.send(MESSAGE.replace(b"hi\r\n", b"x" * 999 + b"\r\n")))[-1] == b"501 5.6.0"
+    assert len(lines) == 1, "a refused message is not logged"
+
+
+def test_the_line_names_the_authenticated_user_and_a_failing_log_does_not_cost_the_250():
+    s = Session(REMOTE, users=True)
+    lines: list[str] = []
+    s.proto.settings.log_line = lines.append
+    s.ehlo()
+    assert code(s.cmd(PLAIN_OK)) == [b"235 Authentication"]
+    assert code(s.send(MESSAGE))[-1] == b"250 2.0.0"
+    assert lines[0].endswith(", nrcpt=2, client=192.0.2.7, sasl_username=alice"), lines
+
+    def broken(line):
+        raise OSError("log gone")
+
+    s.proto.settings.log_line = broken
+    assert code(s.send(MESSAGE))[-1] == b"250 2.0.0"
+    assert len(s.spool.messages) == 2
