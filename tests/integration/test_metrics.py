@@ -109,6 +109,25 @@ def raw(to: str, sender: str = "app@sender.test") -> bytes:
 class MetricsScenarios:
     """The scenarios; subclasses provide ``make_spool_url`` and ``unreachable_spool``."""
 
+    @defer.inlineCallbacks
+    def assert_503_while_locked(self, lock, unlock, reason: bytes):
+        """/healthz says 200; while ``lock()`` holds, 503 with one line naming
+        ``reason``, given by the spool's own bound well within the health
+        timeout (5 s); 200 again after ``unlock()``."""
+        code, _, body = yield fetch(self.base + "/healthz")
+        self.assertEqual((code, body), (200, b"ok\n"))
+        lock()
+        started = time.monotonic()
+        code, _, body = yield fetch(self.base + "/healthz")
+        waited = time.monotonic() - started
+        self.assertEqual(code, 503, body)
+        self.assertEqual(body.count(b"\n"), 1, body)
+        self.assertIn(reason, body.lower())
+        self.assertLess(waited, 4.0, "the ping gave up at the spool's bound, not at the health timeout")
+        unlock()
+        code, _, body = yield fetch(self.base + "/healthz")
+        self.assertEqual((code, body), (200, b"ok\n"))
+
     def make_spool_url(self) -> str:
         raise NotImplementedError
 
@@ -389,21 +408,10 @@ class MetricsSQLiteTests(MetricsScenarios, unittest.TestCase):
         spool.start()
         self.addCleanup(spool.stop)
         self.start_metrics(spool, refresh_interval=60, health_timeout=5.0)
-        code, _, body = yield fetch(self.base + "/healthz")
-        self.assertEqual((code, body), (200, b"ok\n"))
         locker = sqlite3.connect(self.db_path, isolation_level=None, timeout=0.1)
         self.addCleanup(locker.close)
-        locker.execute("BEGIN EXCLUSIVE")
-        started = time.monotonic()
-        code, _, body = yield fetch(self.base + "/healthz")
-        waited = time.monotonic() - started
-        self.assertEqual(code, 503, body)
-        self.assertEqual(body.count(b"\n"), 1, body)
-        self.assertIn(b"locked", body.lower())
-        self.assertLess(waited, 4.0, "the ping gave up after the busy timeout, not the health timeout")
-        locker.execute("ROLLBACK")
-        code, _, body = yield fetch(self.base + "/healthz")
-        self.assertEqual((code, body), (200, b"ok\n"))
+        yield self.assert_503_while_locked(lambda: locker.execute("BEGIN EXCLUSIVE"),
+                                           lambda: locker.execute("ROLLBACK"), b"locked")
 
 
 class MetricsPostgreSQLTests(MetricsScenarios, unittest.TestCase):
@@ -422,24 +430,16 @@ class MetricsPostgreSQLTests(MetricsScenarios, unittest.TestCase):
         spool = self.open_spool()
         spool.spool.PING_TIMEOUT = 0.5
         self.start_metrics(spool, refresh_interval=60, health_timeout=5.0)
-        code, _, body = yield fetch(self.base + "/healthz")
-        self.assertEqual((code, body), (200, b"ok\n"))
         locker = create_engine(self.spool_url)
         self.addCleanup(locker.dispose)
         conn = locker.connect()
         self.addCleanup(conn.close)
-        lock = conn.begin()
-        conn.exec_driver_sql("LOCK TABLE recipients IN ACCESS EXCLUSIVE MODE")
-        started = time.monotonic()
-        code, _, body = yield fetch(self.base + "/healthz")
-        waited = time.monotonic() - started
-        self.assertEqual(code, 503, body)
-        self.assertEqual(body.count(b"\n"), 1, body)
-        self.assertIn(b"statement timeout", body.lower())
-        self.assertLess(waited, 4.0, "the ping was cancelled by its bound, not by the health timeout")
-        lock.rollback()
-        code, _, body = yield fetch(self.base + "/healthz")
-        self.assertEqual((code, body), (200, b"ok\n"))
+
+        def lock():
+            conn.begin()
+            conn.exec_driver_sql("LOCK TABLE recipients IN ACCESS EXCLUSIVE MODE")
+
+        yield self.assert_503_while_locked(lock, conn.rollback, b"statement timeout")
 
     def unreachable_spool(self):
         """A spool on 127.0.0.1 port 1, where nothing listens (the shared server is left alone)."""
