@@ -14,6 +14,7 @@ naming the key.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import socket
@@ -296,8 +297,8 @@ def _users(value: object, key: str) -> Mapping[str, str]:
     if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
         raise ConfigError(f"{key} must be a table of user name = \"password\" strings.")
     for name, password in value.items():
-        if not password:    # AUTH would let in anyone who guesses the name
-            where = f"{key}.{name}" if re.fullmatch(r"[A-Za-z0-9_-]+", name) else f'{key}."{name}"'
+        if not password.strip():    # AUTH would let in anyone who guesses the name
+            where = f"{key}.{name}" if re.fullmatch(r"[A-Za-z0-9_-]+", name) else f"{key}.{json.dumps(name)}"
             raise ConfigError(f"{where} has an empty password; give every submission user a password.")
     return MappingProxyType(dict(value))
 

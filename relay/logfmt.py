@@ -20,7 +20,9 @@ _STATUS_WORDS = {
     State.DEFERRED: "deferred",
     State.BOUNCED: "bounced",
 }
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# C0 and C1 controls, DEL, Unicode line and paragraph separators and the
+# bidirectional overrides: none may reach a log line (addresses may be UTF-8).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
 def status_word(status: State | str) -> str:

@@ -27,7 +27,8 @@ per connection, or one per login when ``submission.users`` is set) and one
   and is then written in UTF-8.
 * Oversize -> 552 (at MAIL with ``SIZE=``, or at the final dot after counting
   the data, which is discarded); content the rules refuse (a line over 998
-  octets, bad headers...) -> 554 5.6.0 with the sentence.
+  octets, bad headers...) -> 501 5.6.0 with the sentence (SPEC "Content":
+  SMTP 501 or 553; RFC 5321 would have 554 at the end of DATA).
 * STARTTLS (RFC 3207) when ``submission.tls_cert``/``tls_key`` are set
   (:func:`load_submission_tls`).  Whatever the client pipelined after
   STARTTLS in plaintext is discarded, never run after the handshake
@@ -117,7 +118,9 @@ _MAIL_RE = re.compile(rb"FROM:[ \t]*<(?P<path>[^<>]*)>(?P<params>(?:[ \t]+.*)?)\
 _RCPT_RE = re.compile(rb"TO:[ \t]*<(?P<path>[^<>]*)>(?P<params>(?:[ \t]+.*)?)\Z", re.I | re.S)
 _PARAM_RE = re.compile(rb"(?P<key>[A-Za-z0-9][A-Za-z0-9-]*)(?:=(?P<value>[\x21-\x3c\x3e-\x7e]+))?\Z")
 _HELO_UNSAFE = re.compile(r"[^\x21-\x7e]|[()\\]")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: What a client-chosen name may not carry into a log line: anything but
+#: printable ASCII, and quotes and backslashes.
+_UNSAFE_IN_LOG = re.compile(r"[^\x21-\x7e]|['\"\\]")
 
 
 @functools.lru_cache(maxsize=1024)
@@ -1001,7 +1004,7 @@ class SubmissionProtocol(smtp.ESMTP):
                 messages[0].eomReceived().addCallbacks(
                     lambda qid: self._messageHandled([(True, qid)]),
                     lambda failure: self._messageHandled([(False, failure)]))
-                if self._commit is None:        # refused (554), nothing submitted
+                if self._commit is None:        # refused (501), nothing submitted
                     self._left_transaction()
                 return
         failed = self.datafailed
@@ -1122,8 +1125,10 @@ class SubmissionProtocol(smtp.ESMTP):
         self._auth_failures += 1
         if isinstance(user, bytes):
             user = user.decode("utf-8", "backslashreplace")
-        log.warn("AUTH failed for user {user} from {client} ({n} of {limit} allowed in this session)",
-                 user=repr(_CONTROL.sub("?", user or "")[:64]), client=self.client_ip,
+        # The client's address first, and the name it chose with spaces and
+        # quotes replaced: a name must not be able to pose as another address.
+        log.warn("AUTH failed from {client}: user '{user}' ({n} of {limit} allowed in this session)",
+                 client=self.client_ip, user=_UNSAFE_IN_LOG.sub("?", user or "")[:64],
                  n=self._auth_failures, limit=AUTH_FAILURE_LIMIT)
         if self._auth_failures >= AUTH_FAILURE_LIMIT:
             self._closed = True

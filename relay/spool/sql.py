@@ -206,7 +206,9 @@ class SQLSpool:
         there the ping also takes the write lock and gives it back at once
         (``BEGIN IMMEDIATE``, ``ROLLBACK``: nothing written), in this
         process's writer turn: a lock held longer than the busy timeout
-        fails it."""
+        fails it.  Waiting for the turn and then for the lock, it may take up
+        to twice the busy timeout (``/healthz`` answers 503 at its own bound
+        first)."""
         with self._read(self.PING_TIMEOUT) as conn:
             conn.execute(select(R.c.id).limit(1)).all()
         if self.dialect == "sqlite":

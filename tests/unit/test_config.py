@@ -103,12 +103,16 @@ def test_submission_users_load_as_a_table_of_passwords(tmp_path):
     assert dict(config.submission_users) == {"webapp": "s3cret", "app@example.test": "0ther"}
 
 
-@pytest.mark.parametrize("user, where", [("webapp", "submission.users.webapp"),
-                                         ('"app@example.test"', 'submission.users."app@example.test"')])
-def test_submission_user_with_an_empty_password_is_refused(tmp_path, user, where):
+@pytest.mark.parametrize("user, password, where", [
+    ("webapp", "", "submission.users.webapp"),
+    ("webapp", "  ", "submission.users.webapp"),                  # blanks only
+    ('"app@example.test"', "", 'submission.users."app@example.test"'),
+    ('"say \\"hi\\""', "", 'submission.users."say \\"hi\\""'),        # a quote in the name, escaped
+])
+def test_submission_user_with_an_empty_password_is_refused(tmp_path, user, password, where):
     """An empty password would let AUTH PLAIN in anyone who guesses the name (an open relay on 0.0.0.0)."""
     with pytest.raises(ConfigError) as caught:
-        _load(tmp_path, f'[submission.users]\nalice = "s3cret"\n{user} = ""\n')
+        _load(tmp_path, f'[submission.users]\nalice = "s3cret"\n{user} = "{password}"\n')
     assert str(caught.value) == f"{where} has an empty password; give every submission user a password."
     assert "s3cret" not in str(caught.value)
 

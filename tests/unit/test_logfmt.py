@@ -150,3 +150,11 @@ def test_format_accepted():
         == "Q1: from=<app@s.test>, size=1234, nrcpt=2, client=127.0.0.1"
     assert format_accepted(queue_id="Q1", sender="", size=9, nrcpt=1, client="::1", user="web\napp") \
         == "Q1: from=<>, size=9, nrcpt=1, client=::1, sasl_username=web?app"
+
+
+@pytest.mark.parametrize("char", ["\x85", "\u2028", "\u2029", "\u202e", "\x1b"])
+def test_no_line_break_or_bidi_override_reaches_a_log_line(char):
+    """A UTF-8 address may carry NEL, LINE SEPARATOR, bidi overrides...: flattened like ASCII controls."""
+    line = format_accepted(queue_id="Q1", sender=f"a{char}b@s.test", size=1, nrcpt=1, client="::1")
+    assert line == "Q1: from=<a?b@s.test>, size=1, nrcpt=1, client=::1"
+    assert len(line.splitlines()) == 1

@@ -8,7 +8,7 @@ import pytest
 from twisted.logger import formatEvent, globalLogPublisher
 
 from relay.submission import AUTH_FAILURE_LIMIT
-from tests.unit.submission_fakes import PLAIN_OK, REMOTE, Session, code
+from tests.unit.submission_fakes import PLAIN_OK, REMOTE, Session, Spool, code
 
 MAIL = b"MAIL FROM:<a@s.test>"
 
@@ -82,7 +82,7 @@ def test_failed_logins_are_logged_and_limited():
         assert b"4.7.0 Too many failed authentications" in s.transport.value()
         assert s.transport.disconnecting
     assert len(logged) == AUTH_FAILURE_LIMIT
-    assert logged[0] == f"AUTH failed for user 'alice' from 192.0.2.7 (1 of {AUTH_FAILURE_LIMIT} allowed in this session)"
+    assert logged[0] == f"AUTH failed from 192.0.2.7: user 'alice' (1 of {AUTH_FAILURE_LIMIT} allowed in this session)"
 
     s = Session(REMOTE, users=True)
     s.ehlo()
@@ -96,15 +96,29 @@ def test_failed_logins_are_logged_and_limited():
 MESSAGE = b"MAIL FROM:<a@s.test>\r\nRCPT TO:<b@r.test>\r\nRCPT TO:<c@r.test>\r\nDATA\r\nSubject: x\r\n\r\nhi\r\n.\r\n"
 
 
+def test_a_name_chosen_by_the_client_cannot_pose_as_another_address():
+    """The client's address comes first, and the name's spaces, quotes and controls are replaced."""
+    hostile = "x' from 10.9.9.9 (1 of 3)\n"
+    s = Session(REMOTE, users=True)
+    s.ehlo()
+    with FailedLogins() as logged:
+        s.cmd(b"AUTH PLAIN " + base64.b64encode(b"\0" + hostile.encode() + b"\0guess"))
+    assert logged == ["AUTH failed from 192.0.2.7: user 'x??from?10.9.9.9?(1?of?3)?' (1 of 3 allowed in this session)"]
+
+
 def test_a_queued_message_is_logged_once_committed():
-    """One line per queued message, after the commit: queue id, sender, stored size, recipients, client."""
-    s = Session()
+    """One line per queued message, when its commit ends: queue id, sender, stored size, recipients, client."""
+    s = Session(spool=Spool(hold=True))
     lines: list[str] = []
     s.proto.settings.log_line = lines.append
     s.ehlo()
-    assert code(s.send(MESSAGE))[-1] == b"250 2.0.0"
+    assert s.send(MESSAGE)[-1].startswith(b"354")
+    assert lines == [], "nothing logged before the commit"
+    s.spool.release()
+    assert code(s.replies())[-1] == b"250 2.0.0"
     [stored] = s.spool.messages
     assert lines == [f"Q0: from=<a@s.test>, size={len(stored.data)}, nrcpt=2, client=127.0.0.1"]
+    s.spool.hold = False
     assert code(s.send(MESSAGE.replace(b"hi\r\n", b"x" * 999 + b"\r\n")))[-1] == b"501 5.6.0"
     assert len(lines) == 1, "a refused message is not logged"
 
