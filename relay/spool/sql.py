@@ -203,19 +203,16 @@ class SQLSpool:
         unreachable, the schema missing or the table locked (PING_TIMEOUT).
 
         SQLite (WAL) reads while another process holds the write lock, so
-        there the ping also takes the write lock and gives it back at once
-        (``BEGIN IMMEDIATE``, ``ROLLBACK``: nothing written), in this
-        process's writer turn: a lock held longer than the busy timeout
-        fails it.  Waiting for the turn and then for the lock, it may take up
-        to twice the busy timeout (``/healthz`` answers 503 at its own bound
-        first)."""
+        there the ping also opens an empty write transaction (``_write``:
+        ``BEGIN IMMEDIATE`` in this process's writer turn, then a commit that
+        writes nothing): a lock held longer than the busy timeout fails it.
+        Waiting for the turn and then for the lock, it may take up to twice
+        the busy timeout (``/healthz`` answers 503 at its own bound first)."""
         with self._read(self.PING_TIMEOUT) as conn:
             conn.execute(select(R.c.id).limit(1)).all()
         if self.dialect == "sqlite":
-            with self._writer_turn(), spool_errors(self.url), self.engine.connect() as conn:
-                conn = conn.execution_options(**write_options(self.dialect))
-                conn.begin()
-                conn.rollback()
+            with self._write():
+                pass
 
     # -- enqueue --------------------------------------------------------
 

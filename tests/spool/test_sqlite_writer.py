@@ -43,7 +43,7 @@ def test_listener_commits_and_the_drains_writes_share_one_connection(tmp_path):
 
 def test_ping_takes_the_write_lock_and_writes_nothing(tmp_path):
     """WAL reads work while another process holds the write lock, so the ping
-    also takes it (BEGIN IMMEDIATE, ROLLBACK): a lock held longer than the
+    also takes it (an empty write transaction): a lock held longer than the
     busy timeout fails the ping; a free one is given back with nothing written."""
     path = tmp_path / "spool.db"
     spool = open_spool(f"sqlite:///{path}", busy_timeout=0.2)
