@@ -113,7 +113,7 @@ def open(config: Config | str | None = None, *, spool_url: str | None = None,
     cfg = config if isinstance(config, Config) else load_config(config)
     if spool_url:
         cfg = cfg.with_overrides(spool_url=spool_url)
-    spool = open_spool(cfg.spool_url, busy_timeout=cfg.spool_busy_timeout)
+    spool = open_spool(cfg.spool_url, busy_timeout=cfg.spool_busy_timeout, min_free_space=cfg.min_free_space)
     return Relay(cfg, spool, clock)
 
 

@@ -155,6 +155,10 @@ class Route:
                 f"username={self.username!r}, password={pw!r})")
 
 
+#: ``submission.max_message_size`` when not set.
+DEFAULT_MAX_MESSAGE_SIZE = 25_000_000
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     """Every setting relay uses, typed and validated (SPEC "Configuration")."""
@@ -163,6 +167,8 @@ class Config:
     node: str
     spool_url: str
     spool_busy_timeout: float = 5.0
+    #: ``spool.min_free_space``: None = one and a half times the largest message (see min_free_space).
+    spool_min_free_space: int | None = None
     nameservers: tuple[str, ...] = ()
     delivery_port: int = 25
     concurrency: int = 100
@@ -179,13 +185,22 @@ class Config:
     routes: Mapping[str, Route] = field(default_factory=lambda: MappingProxyType({}))
     submission_listen: str = ""
     submission_users: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
-    max_message_size: int = 25_000_000
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     submission_tls_cert: str = ""   # PEM certificate (chain) file; "" = no STARTTLS
     submission_tls_key: str = ""    # PEM private key file; set together with the certificate
     commit_delay: float = 0.001     # group commit: wait this long for sessions mid-transaction
     metrics_listen: str = ""
     cpu_affinity: tuple[int, ...] = ()   # () = wherever the kernel schedules it
     source: str | None = None       # the file it came from, for messages
+
+    @property
+    def min_free_space(self) -> int:
+        """Bytes new mail must leave free on a SQLite spool's file system:
+        ``spool.min_free_space``, by default one and a half times
+        ``submission.max_message_size`` (Postfix's rule), 0 = no floor."""
+        if self.spool_min_free_space is not None:
+            return self.spool_min_free_space
+        return int(1.5 * (self.max_message_size or DEFAULT_MAX_MESSAGE_SIZE))
 
     def with_overrides(self, **changes: Any) -> "Config":
         """A copy with some fields replaced (flags given on a command line)."""
@@ -352,6 +367,7 @@ _KEYS: dict[str, tuple[str, Any]] = {
     "relay.cpu_affinity": ("cpu_affinity", _cpu_list),
     "spool.url": ("spool_url", _spool_url),
     "spool.busy_timeout": ("spool_busy_timeout", parse_duration),
+    "spool.min_free_space": ("spool_min_free_space", parse_size),
     "dns.nameservers": ("nameservers", _nameservers),
     "delivery.port": ("delivery_port", _port),
     "delivery.concurrency": ("concurrency", _int_at_least(1)),

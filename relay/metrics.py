@@ -40,6 +40,10 @@ from the first scrape):
 ``relay_spool_up``                          1 when the last refresh read the spool, else 0
 ``relay_spool_last_refresh_timestamp_seconds``  when the spool was last read successfully
 ``relay_connections_open``                  outbound SMTP connections open now
+``relay_spool_free_bytes``                  SQLite only: bytes free on the spool's file system
+                                            (read at scrape time, at most once a second); new
+                                            mail is refused (452 4.3.1) below
+                                            ``relay_spool_min_free_bytes``, ``spool.min_free_space``
 ``relay_time_in_queue_seconds{outcome}``    queued -> final outcome, ``outcome`` is ``delivered``
                                             or ``bounced`` (one observation per recipient)
 ``relay_delivery_latency_seconds``          queued -> the result of *each* attempt, whatever it
@@ -238,6 +242,18 @@ class RelayMetrics:
         """One spool transaction committed ``n`` messages of the submission listener."""
         self.enqueued(n)
         self.submission_commits_total.inc()
+
+    def watch_free_space(self, free_space) -> None:
+        """Export a SQLite spool's free space (a FreeSpaceFloor) and its floor."""
+        def free() -> float:
+            try:
+                return float(free_space.recent_free())
+            except OSError:
+                return float("nan")
+        Gauge("relay_spool_free_bytes", "Bytes free on the SQLite spool's file system (read at scrape "
+              "time, at most once a second).", registry=self.registry).set_function(free)
+        Gauge("relay_spool_min_free_bytes", "spool.min_free_space: below this much free space new mail "
+              "is refused.", registry=self.registry).set(free_space.floor)
 
     def connection_opened(self) -> None:
         self.connections_open.inc()

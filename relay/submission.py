@@ -92,6 +92,7 @@ from relay.message import parse_submitted, validate_address, validate_sender
 from relay.model import NewMessage
 from relay.sendnow import close_now, flush_now, write_now
 from relay.spool.engine import is_sqlite
+from relay.spool.space import human_size
 
 log = Logger(namespace="relay.submission")
 
@@ -421,6 +422,8 @@ class _Settings:
     tls: ssl.CertificateOptions | None = None
     #: Takes the line logged for each message once committed (logfmt.format_accepted).
     log_line: Callable[[str], None] = field(default=lambda line: log.info("{line}", line=line))
+    #: Whether the spool has room for a message of N octets (``spool.min_free_space``).
+    has_room: Callable[[int], bool] = field(default=lambda size: True)
 
 
 @implementer(smtp.IMessageDelivery)
@@ -865,13 +868,15 @@ class SubmissionProtocol(smtp.ESMTP):
             return
         params, text = parts
         utf8 = False
+        size = 0
         for key, value in params:
             if key == "SIZE":
                 if value is None or not value.isdigit() or len(value) > 20:
                     self.sendCode(501, b"5.5.4 SIZE needs a number of octets.")
                     return
+                size = int(value)
                 limit = self.settings.max_size
-                if limit and int(value) > limit:
+                if limit and size > limit:
                     self.sendCode(552, _reply(f"5.3.4 The message is larger than the limit of "
                                               f"{limit} octets."))
                     return
@@ -897,6 +902,9 @@ class SubmissionProtocol(smtp.ESMTP):
             sender = validate_sender(text)
         except BadMessage as e:
             self.sendCode(553, _reply(f"5.1.7 {e}"))
+            return
+        if not self.settings.has_room(size):
+            self.sendCode(452, b"4.3.1 Insufficient system storage; try again later.")
             return
         self._to = []
         self.smtputf8 = utf8
@@ -1311,6 +1319,26 @@ def _listen_address(config: Config) -> tuple[str, int] | None:
     return parse_listen(config.submission_listen, "submission.listen")
 
 
+def room_check(free_space) -> Callable[[int], bool]:
+    """``free_space.has_room`` (a FreeSpaceFloor), logging a warning when the
+    spool runs short of space and a line when it has room again (not one per
+    refused client)."""
+    short = False
+
+    def has_room(size: int) -> bool:
+        nonlocal short
+        room = free_space.has_room(size)
+        if room == short:
+            short = not room
+            if short:
+                log.warn("submission: refusing new mail (452 4.3.1), less than {floor} would stay free "
+                         "on the spool's file system (spool.min_free_space)", floor=human_size(free_space.floor))
+            else:
+                log.info("submission: the spool has room again; accepting new mail")
+        return room
+    return has_room
+
+
 def build_submission_service(config: Config, spool, reactor, *,
                              on_enqueued: Callable[[], None] = lambda: None,
                              handoff=None, metrics=None,
@@ -1351,6 +1379,9 @@ def build_submission_service(config: Config, spool, reactor, *,
                          requires_auth=bool(config.submission_users), tls=tls, transactions=transactions)
     if log_line is not None:
         settings.log_line = log_line
+    free_space = getattr(spool, "free_space", None)
+    if free_space is not None:
+        settings.has_room = room_check(free_space)
     portal = None
     if config.submission_users:
         portal = Portal(SubmissionRealm(settings), [UsersChecker(config.submission_users)])

@@ -119,12 +119,15 @@ def build_service(config: Config, reactor=None, *, trust_root=None, attempt_log=
         reactor = global_reactor
     submission_tls = check_submission_config(config)   # refuse an open relay before touching the spool
     pin_to_cpus(config.cpu_affinity)     # before any thread starts (threads inherit it)
-    spool = open_spool(config.spool_url, busy_timeout=config.spool_busy_timeout)
+    spool = open_spool(config.spool_url, busy_timeout=config.spool_busy_timeout,
+                       min_free_space=config.min_free_space)
     deferred_spool = DeferredSpool(spool, reactor, threads=3)
     top = RelayService(config, deferred_spool, reactor)
     resolver = make_resolver(config.nameservers, reactor)
     router = Router(resolver=resolver, clock=reactor, routes=config.routes, port=config.delivery_port)
     metrics = RelayMetrics(max_lifetime=config.max_lifetime, clock=reactor)
+    if spool.free_space is not None:
+        metrics.watch_free_space(spool.free_space)
     drain = DrainService(config=config, spool=deferred_spool, router=router, reactor=reactor,
                          trust_root=trust_root, metrics=metrics, linger=LINGER,
                          busy_claim_delay=BUSY_CLAIM_DELAY, attempt_log=attempt_log)

@@ -15,12 +15,14 @@ __all__ = ["open_spool", "SQLSpool", "new_queue_id", "upgrade"]
 
 
 def open_spool(url: str, *, busy_timeout: float = 5.0, initialise: bool = True,
-               check_schema: bool = True, pool_size: int = 5) -> SQLSpool:
+               check_schema: bool = True, pool_size: int = 5, min_free_space: int = 0) -> SQLSpool:
     """Open the spool at ``url``.
 
     ``initialise``: create the schema when the database is empty.
     ``check_schema``: refuse a spool whose schema is not this relay's head
     (``relayctl db upgrade`` passes False).
+    ``min_free_space``: on SQLite, refuse new mail that would leave less
+    free on the spool's file system (relay.spool.space; 0 = no floor).
     """
     engine = create_spool_engine(url, busy_timeout=busy_timeout, pool_size=pool_size)
     try:
@@ -29,4 +31,4 @@ def open_spool(url: str, *, busy_timeout: float = 5.0, initialise: bool = True,
     except BaseException:
         engine.dispose()
         raise
-    return SQLSpool(engine, url, busy_timeout=busy_timeout)
+    return SQLSpool(engine, url, busy_timeout=busy_timeout, min_free_space=min_free_space)

@@ -25,6 +25,9 @@ class DeferredSpool:
     def __init__(self, spool: SQLSpool, reactor, *, threads: int = 2):
         self.spool = spool
         self.url = spool.url
+        #: SQLite's FreeSpaceFloor (read on the reactor thread by the
+        #: listener's check at MAIL and by /metrics; cached), or None.
+        self.free_space = spool.free_space
         self._reactor = reactor
         self._pool = ThreadPool(minthreads=1, maxthreads=threads, name="relay-spool")
         self._started = False

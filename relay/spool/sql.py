@@ -48,6 +48,7 @@ from relay.spool.engine import _sentence, spool_errors, write_options
 from relay.spool.schema import attempts as A
 from relay.spool.schema import messages as M
 from relay.spool.schema import recipients as R
+from relay.spool.space import FreeSpaceFloor, floor_for_sqlite
 
 _PENDING = (State.QUEUED.value, State.DEFERRED.value, State.INFLIGHT.value)
 _NOT_FINAL = _PENDING + (State.HELD.value,)
@@ -130,10 +131,15 @@ class SQLSpool:
     PING_TIMEOUT = 5.0
     STATUS_TIMEOUT = 30.0
 
-    def __init__(self, engine: Engine, url: str, *, busy_timeout: float = 5.0):
+    def __init__(self, engine: Engine, url: str, *, busy_timeout: float = 5.0, min_free_space: int = 0):
         self.engine = engine
         self.url = url
         self.dialect = engine.dialect.name        # "sqlite" or "postgresql"
+        #: SQLite: the free space new mail must leave on the spool's file
+        #: system (``spool.min_free_space``, see relay.spool.space); None on
+        #: PostgreSQL, or when the floor is 0.
+        self.free_space: FreeSpaceFloor | None = (
+            floor_for_sqlite(url, engine.url.database, min_free_space) if self.dialect == "sqlite" else None)
         self._notify = self.dialect == "postgresql"
         # SQLite has one writer at a time.  Writers of this process queue on a
         # lock, woken as soon as the previous one commits, instead of meeting
@@ -219,6 +225,11 @@ class SQLSpool:
     def enqueue(self, messages: Sequence[NewMessage], now: float) -> list[str]:
         return self._enqueue(messages, now, None)[0]
 
+    def _check_room(self, messages: Sequence[NewMessage]) -> None:
+        """SpoolUnavailable when new mail would eat into ``spool.min_free_space``."""
+        if self.free_space is not None and messages:
+            self.free_space.check(sum(len(m.data) for m in messages))
+
     def enqueue_claimed(self, messages: Sequence[NewMessage], now: float, node: str,
                         lease: float) -> tuple[list[str], list[ClaimedMessage]]:
         """``enqueue``, with the new recipients claimed for ``node`` until
@@ -237,6 +248,7 @@ class SQLSpool:
 
     def _enqueue(self, messages: Sequence[NewMessage], now: float,
                  claim: tuple[str, float] | None) -> tuple[list[str], list[ClaimedMessage]]:
+        self._check_room(messages)
         for attempt in range(3):
             try:
                 with self._write() as conn:
@@ -699,6 +711,7 @@ class _DirectWriter:
         spool = self.spool
         if not messages:
             return [], []
+        spool._check_room(messages)
         new = [(new_queue_id(now), m) for m in messages]
         message_rows = [_message_row(qid, m, now) for qid, m in new]
         inflight = State.INFLIGHT.value

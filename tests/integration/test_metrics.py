@@ -317,6 +317,13 @@ class MetricsScenarios:
         before = yield self.scrape()
         self.assertEqual(before[("relay_delivered_total", ())], 0)
         sql = top.drain.spool.spool
+        if sql.dialect == "sqlite":     # the spool's file system, and the floor new mail must leave free
+            st = os.statvfs(os.path.dirname(self.db_path))
+            self.assertAlmostEqual(before[("relay_spool_free_bytes", ())], st.f_bavail * st.f_frsize,
+                                   delta=100 * 10 ** 6)
+            self.assertEqual(before[("relay_spool_min_free_bytes", ())], config.min_free_space)
+        else:                           # PostgreSQL's disk is not visible from relayd
+            self.assertNotIn(("relay_spool_free_bytes", ()), before)
         sql.enqueue([parse_message(raw("ok@one.test")), parse_message(raw("perm@one.test"))], time.time())
 
         @defer.inlineCallbacks

@@ -186,7 +186,7 @@ class SubmissionScenarios:
     def start_listener(self, wrap=None, **overrides):
         """Open the spool and start the listener alone (stopped at cleanup); returns the service."""
         config = self.config(**overrides)
-        self.sync = open_spool(config.spool_url, busy_timeout=5.0)
+        self.sync = open_spool(config.spool_url, busy_timeout=5.0, min_free_space=config.min_free_space)
         spool = DeferredSpool(self.sync, reactor, threads=2)
         spool.start()
         self.addCleanup(spool.stop)
@@ -750,6 +750,47 @@ class SubmissionScenarios:
         self.wrapped.fail_with = None
         ok = yield threads.deferToThread(attempt)
         self.assertEqual(ok[0], 250)
+        self.assertEqual(self.messages(), 1)
+
+
+    @defer.inlineCallbacks
+    def test_spool_short_of_space_refuses_new_mail_with_452(self):
+        """SQLite, below spool.min_free_space: MAIL gets 452 4.3.1, and so does the final dot of a
+        transaction that began with room; nothing is queued, and with room again mail gets 250.
+        PostgreSQL: the floor is not checked (the server's disk is not visible)."""
+        self.start_listener(spool_min_free_space=10 ** 18)      # more than any disk has free
+        floor = self.sync.free_space
+        if self.sync.dialect != "sqlite":
+            self.assertIsNone(floor)
+            s = yield threads.deferToThread(self.smtp)
+            self.addCleanup(s.close)
+            reply = yield threads.deferToThread(s.mail, "app@sender.test")
+            self.assertEqual(reply[0], 250, reply)
+            return
+
+        def transaction(s: smtplib.SMTP, before_data=lambda: None):
+            mail = s.mail("app@sender.test")
+            if mail[0] != 250:
+                return mail
+            s.rcpt("rcpt@dest.test")
+            before_data()
+            try:
+                return s.data(MESSAGE)
+            except smtplib.SMTPDataError as e:
+                return e.smtp_code, e.smtp_error
+
+        s = yield threads.deferToThread(self.smtp)
+        self.addCleanup(s.close)
+        refused = yield threads.deferToThread(transaction, s)
+        self.assertEqual(refused, (452, b"4.3.1 Insufficient system storage; try again later."))
+        floor.floor = 1
+        ran_out = yield threads.deferToThread(transaction, s, lambda: setattr(floor, "floor", 10 ** 18))
+        self.assertEqual(ran_out[0], 452, ran_out)
+        self.assertTrue(ran_out[1].startswith(b"4.3.1"), ran_out)
+        self.assertEqual(self.messages(), 0)
+        floor.floor = 1
+        ok = yield threads.deferToThread(transaction, s)
+        self.assertEqual(ok[0], 250, ok)
         self.assertEqual(self.messages(), 1)
 
 

@@ -593,6 +593,39 @@ def test_record_queues_new_messages(spool):
     assert [c.id for c in spool.claim("node-a", T0 + 5, LEASE, limit=10)] == ids
 
 
+def test_free_space_floor_refuses_new_mail_but_not_outcomes_or_bounces(spool_url):
+    """spool.min_free_space (SQLite): with less free than the floor, enqueue and
+    enqueue_claimed raise a "full" SpoolUnavailable and write nothing, while
+    record (outcomes and the bounces it queues) goes on.  PostgreSQL's disk
+    is not visible: the floor is not checked there."""
+    spool = open_spool(spool_url, busy_timeout=2.0, min_free_space=1)
+    try:
+        qid = enqueue_one(spool, "a@example.org")
+        rid = claim_one(spool, "node-a", T0)
+        if spool.dialect != "sqlite":
+            assert spool.free_space is None
+            return
+        spool.free_space.floor = 10 ** 18              # more than any file system has free
+        for attempt in (lambda: spool.enqueue([new_message("b@example.org")], T0),
+                        lambda: spool.enqueue_claimed([new_message("c@example.org")], T0, "node-a", LEASE),
+                        lambda: spool.enqueue([new_message("d@example.org", key="k1")], T0)):
+            with pytest.raises(SpoolUnavailable, match=r" is full: .* free on its file system, and "
+                                                       r".* is kept free for delivery \(spool.min_free_space\)"):
+                attempt()
+        assert spool.status(T0).messages == 1
+        dsn = parse_message(b"From: MAILER-DAEMON@relay.example\r\nTo: app@example.com\r\n"
+                            b"Subject: Undelivered Mail\r\n\r\nSorry.\r\n", sender="<>")
+        [bounce] = spool.record("node-a", T0 + 1, [
+            Outcome(recipient_id=rid, state=State.BOUNCED, code=550, response="5.1.1 Unknown", host="mx")],
+            new_messages=[dsn])
+        assert states(spool, qid) == [State.BOUNCED]
+        assert spool.show(bounce).subject == "Undelivered Mail"
+        spool.free_space.floor = 1
+        assert spool.enqueue([new_message("b@example.org")], T0 + 2)
+    finally:
+        spool.close()
+
+
 def test_record_is_one_transaction(spool):
     """When a new message cannot be queued, the outcomes of the same call are not recorded either."""
     qid = enqueue_one(spool, "a@example.org")

@@ -376,6 +376,18 @@ def test_locked_sqlite_spool_exits_75(relayctl, sqlite_url, tmp_path):
     assert message_count(sqlite_url) == 1
 
 
+def test_sqlite_spool_short_of_space_exits_75(relayctl, sqlite_url, tmp_path):
+    """Below spool.min_free_space enqueue exits 75 with the "full" sentence and queues nothing;
+    status and the other verbs go on working."""
+    config = tmp_path / "relay.toml"
+    config.write_text(f'[spool]\nurl = "{sqlite_url}"\nmin_free_space = {10 ** 18}\n')
+    result = relayctl("--config", str(config), "enqueue", stdin=message())
+    assert_failed(result, 75)
+    assert "is full:" in result.err and "spool.min_free_space" in result.err
+    assert relayctl("--config", str(config), "status").code == 0
+    assert message_count(sqlite_url) == 0
+
+
 def test_unreachable_postgresql_exits_75(relayctl, monkeypatch, tmp_path):
     """A PostgreSQL spool that refuses connections exits 75 without showing the password."""
     monkeypatch.setenv("RELAY_SPOOL_URL", "postgresql+psycopg://relay:hunter2@127.0.0.1:1/relay")
