@@ -4,9 +4,12 @@ SQLite: WAL journal, ``synchronous=FULL`` (durable across power loss),
 foreign keys on, a busy timeout, and ``BEGIN IMMEDIATE`` for write
 transactions so that a writer waits for the lock up front instead of failing
 when it upgrades a read lock.  PostgreSQL: psycopg 3, pre-ping so a restarted
-server is reconnected to transparently, and TCP keepalives with a bound on
+server is reconnected to transparently, TCP keepalives with a bound on
 unacknowledged data (``PG_CONNECTION_OPTIONS``) so that a server or path
-that died silently fails a statement within about a minute.
+that died silently fails a statement within about a minute, and
+``lock_timeout`` = the busy timeout, so that a lock another session holds
+fails a statement as "locked" (as SQLite's busy timeout does) instead of
+holding it for ever.
 """
 
 from __future__ import annotations
@@ -86,7 +89,7 @@ def create_spool_engine(url: str, *, busy_timeout: float = 5.0, pool_size: int =
             conn.exec_driver_sql(f"BEGIN {mode}")
 
         return engine
-    return create_engine(
+    engine = create_engine(
         url,
         pool_pre_ping=True,
         pool_use_lifo=True,
@@ -94,6 +97,20 @@ def create_spool_engine(url: str, *, busy_timeout: float = 5.0, pool_size: int =
         max_overflow=pool_size,
         connect_args={"connect_timeout": max(1, int(busy_timeout)), **pg_connection_options(url)},
     )
+
+    @event.listens_for(engine, "connect")
+    def _pg_connect(dbapi_conn, _record):  # pragma: no cover - exercised by every PostgreSQL test
+        # A statement that waits longer than busy_timeout for a lock another
+        # session holds (an operator's open transaction, a schema upgrade) fails
+        # as "locked" instead of holding a spool thread, a client waiting for
+        # its 250 and relayd's shutdown for as long as the other session likes.
+        # A SET rather than the startup "options" parameter, which poolers
+        # such as PgBouncer refuse.
+        with dbapi_conn.cursor() as cur:
+            cur.execute(f"SET lock_timeout = {max(1, int(busy_timeout * 1000))}")
+        dbapi_conn.commit()
+
+    return engine
 
 
 def _set_wal(cursor, busy_timeout: float) -> None:
@@ -123,7 +140,7 @@ def _sentence(url: str, exc: BaseException) -> str:
     text = str(getattr(exc, "orig", exc) or exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     low = text.lower()
     where = redact_url(url)
-    if "locked" in low or "busy" in low:
+    if "locked" in low or "busy" in low or "lock timeout" in low:
         return f"The spool {where} is locked by another process; try again."
     if "disk is full" in low or "database or disk is full" in low or "no space" in low:
         return f"The spool {where} is full (no space left); nothing was written."

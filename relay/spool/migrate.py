@@ -51,7 +51,12 @@ def current_revision(conn: Connection) -> str | None:
 
 
 def _locked(conn: Connection) -> None:
+    """Take the migration lock (PostgreSQL); the schema work of this
+    transaction waits for locks as long as it takes (the spool's connections
+    otherwise give up after ``spool.busy_timeout``, see relay.spool.engine):
+    another process's upgrade may take longer than that."""
     if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql("SET LOCAL lock_timeout = 0")
         conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_ADVISORY_LOCK})")
 
 

@@ -960,36 +960,50 @@ def test_unreachable_spool_raises_spool_unavailable(spool_url, tmp_path):
 
 
 def _lock_spool(spool, spool_url):
-    """Another connection holding the spool's write lock; returns (release, lock-sensitive URL)."""
+    """Another connection holding the spool's write lock; returns its release."""
     if spool.dialect == "sqlite":
         path = make_url(spool_url).database
         locker = sqlite3.connect(path, isolation_level=None)
         locker.execute("BEGIN EXCLUSIVE")
-        return (lambda: (locker.rollback(), locker.close())), spool_url
-    # PostgreSQL: an ACCESS EXCLUSIVE table lock, and a URL whose sessions give up
-    # waiting for a lock after 100 ms (busy_timeout only bounds SQLite lock waits).
+        return lambda: (locker.rollback(), locker.close())
+    # PostgreSQL: ACCESS EXCLUSIVE table locks, as an operator's open
+    # transaction or a schema change would hold them.
     conn = spool.engine.connect()
-    conn.execute(text("LOCK TABLE messages IN ACCESS EXCLUSIVE MODE"))
-    url = make_url(spool_url)
-    url = url.update_query_dict({"options": f"{url.query['options']} -clock_timeout=100"})
-    return (lambda: (conn.rollback(), conn.close())), url.render_as_string(hide_password=False)
+    conn.execute(text("LOCK TABLE messages, recipients IN ACCESS EXCLUSIVE MODE"))
+    return lambda: (conn.rollback(), conn.close())
 
 
 def test_locked_spool_raises_spool_unavailable(spool, spool_url):
-    """A spool locked by another connection gives SpoolUnavailable, and enqueue queues nothing."""
-    unlock, url = _lock_spool(spool, spool_url)
+    """A spool locked by another session gives a "locked" SpoolUnavailable after
+    spool.busy_timeout (PostgreSQL's lock_timeout, SQLite's busy timeout) for
+    enqueue, enqueue_claimed and record alike; nothing is written, and all of it
+    works once the lock is gone."""
+    import time
+
+    qid = enqueue_one(spool, "a@example.org")
+    rid = claim_one(spool, "node-a", T0)
+    busy = open_spool(spool_url, busy_timeout=0.2)
+    unlock = _lock_spool(spool, spool_url)
     try:
-        busy = open_spool(url, busy_timeout=0.1)
-        try:
-            with pytest.raises(SpoolUnavailable):
-                busy.enqueue([new_message("a@example.org", key="locked")], T0)
-        finally:
-            busy.close()
+        writes = [lambda: busy.enqueue([new_message("b@example.org", key="locked")], T0),
+                  lambda: busy.enqueue([new_message("c@example.org")], T0),
+                  lambda: busy.enqueue_claimed([new_message("d@example.org")], T0, "node-a", LEASE),
+                  lambda: busy.record("node-a", T0 + 1, [Outcome(recipient_id=rid, state=State.DELIVERED,
+                                                                 code=250, host="mx")])]
+        for write in writes:
+            started = time.monotonic()
+            with pytest.raises(SpoolUnavailable, match="is locked by another process; try again"):
+                write()
+            assert time.monotonic() - started < 2.0       # busy_timeout 0.2 s, not the other session's pleasure
     finally:
         unlock()
-    assert spool.status(T0).messages == 0
-    assert spool.enqueue([new_message("a@example.org", key="locked")], T0 + 1)
-    assert spool.status(T0 + 1).messages == 1
+    assert spool.status(T0).messages == 1 and states(spool, qid) == [State.INFLIGHT]
+    try:
+        assert busy.enqueue([new_message("b@example.org", key="locked")], T0 + 1)
+        busy.record("node-a", T0 + 2, [Outcome(recipient_id=rid, state=State.DELIVERED, code=250, host="mx")])
+    finally:
+        busy.close()
+    assert spool.status(T0 + 2).messages == 2 and states(spool, qid) == [State.DELIVERED]
 
 
 def test_enqueue_claimed_after_the_server_ended_the_connection(pg_url):
