@@ -20,7 +20,9 @@ import os
 import time
 from typing import Callable
 
+from relay.config import redact_url
 from relay.errors import SpoolUnavailable
+from relay.spool.engine import sqlite_path
 
 #: How long a reading of the free space serves :meth:`FreeSpaceFloor.has_room`.
 READING_MAX_AGE = 1.0
@@ -91,10 +93,10 @@ class FreeSpaceFloor:
                 f"nothing was queued.")
 
 
-def floor_for_sqlite(url: str, database: str | None, floor: int) -> FreeSpaceFloor | None:
-    """The floor for a SQLite spool file (None for 0, or a database in memory)."""
-    if not floor or not database or database == ":memory:" or database.startswith("file::memory:"):
+def floor_for_sqlite(url: str, floor: int) -> FreeSpaceFloor | None:
+    """The floor for the file of a ``sqlite:///PATH`` spool (None for a floor
+    of 0, or a database in memory)."""
+    path = sqlite_path(url)
+    if not floor or path is None:
         return None
-    from relay.config import redact_url
-    directory = os.path.dirname(os.path.abspath(database)) or "."
-    return FreeSpaceFloor(directory, floor, url=redact_url(url))
+    return FreeSpaceFloor(os.path.dirname(os.path.abspath(path)) or ".", floor, url=redact_url(url))

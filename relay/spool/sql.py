@@ -139,7 +139,7 @@ class SQLSpool:
         #: system (``spool.min_free_space``, see relay.spool.space); None on
         #: PostgreSQL, or when the floor is 0.
         self.free_space: FreeSpaceFloor | None = (
-            floor_for_sqlite(url, engine.url.database, min_free_space) if self.dialect == "sqlite" else None)
+            floor_for_sqlite(url, min_free_space) if self.dialect == "sqlite" else None)
         self._notify = self.dialect == "postgresql"
         # SQLite has one writer at a time.  Writers of this process queue on a
         # lock, woken as soon as the previous one commits, instead of meeting

@@ -70,12 +70,12 @@ def test_an_unreadable_file_system_is_not_a_refusal():
 
 def test_floor_for_sqlite_only_for_files_and_a_positive_floor(tmp_path):
     db = tmp_path / "spool.db"
-    made = floor_for_sqlite(f"sqlite:///{db}", str(db), 5)
+    made = floor_for_sqlite(f"sqlite:///{db}", 5)
     assert (made.directory, made.floor) == (str(tmp_path), 5)
     assert made.free() > 0                      # a real statvfs of the test's directory
-    assert floor_for_sqlite(f"sqlite:///{db}", str(db), 0) is None
-    assert floor_for_sqlite("sqlite://", None, 5) is None
-    assert floor_for_sqlite("sqlite:///:memory:", ":memory:", 5) is None
+    assert floor_for_sqlite(f"sqlite:///{db}", 0) is None
+    assert floor_for_sqlite("sqlite://", 5) is None
+    assert floor_for_sqlite("sqlite:///:memory:", 5) is None
 
 
 def test_human_size():
