@@ -18,10 +18,12 @@ def run() -> None:
         return
     from relay.config import load_config
     from relay.spool.engine import create_spool_engine
+    from relay.spool.migrate import take_migration_lock
 
     config = load_config()
     engine = create_spool_engine(config.spool_url, busy_timeout=config.spool_busy_timeout)
     with engine.connect() as conn:
+        take_migration_lock(conn)      # as relayctl db upgrade: serialised, and waiting for locks
         _run(conn)
         conn.commit()
     engine.dispose()

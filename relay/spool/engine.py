@@ -44,6 +44,20 @@ def pg_connection_options(url: str) -> dict:
     return {k: v for k, v in PG_CONNECTION_OPTIONS.items() if k not in given}
 
 
+#: PostgreSQL's largest lock_timeout (ms); a longer busy_timeout waits without a bound.
+PG_MAX_LOCK_TIMEOUT = 2 ** 31 - 1
+
+
+def pg_lock_timeout(url: str, busy_timeout: float) -> int | None:
+    """The ``lock_timeout`` (ms) the spool's PostgreSQL sessions get: the busy
+    timeout (at least 1 ms; 0 = no bound past PostgreSQL's limit), or None
+    when the URL's ``options`` set one (the URL wins)."""
+    if "lock_timeout" in str(make_url(url).query.get("options", "")):
+        return None
+    ms = max(1, int(busy_timeout * 1000))
+    return ms if ms <= PG_MAX_LOCK_TIMEOUT else 0
+
+
 def is_sqlite(url: str) -> bool:
     return url.startswith("sqlite")
 
@@ -98,17 +112,20 @@ def create_spool_engine(url: str, *, busy_timeout: float = 5.0, pool_size: int =
         connect_args={"connect_timeout": max(1, int(busy_timeout)), **pg_connection_options(url)},
     )
 
-    @event.listens_for(engine, "connect")
-    def _pg_connect(dbapi_conn, _record):  # pragma: no cover - exercised by every PostgreSQL test
-        # A statement that waits longer than busy_timeout for a lock another
-        # session holds (an operator's open transaction, a schema upgrade) fails
-        # as "locked" instead of holding a spool thread, a client waiting for
-        # its 250 and relayd's shutdown for as long as the other session likes.
-        # A SET rather than the startup "options" parameter, which poolers
-        # such as PgBouncer refuse.
-        with dbapi_conn.cursor() as cur:
-            cur.execute(f"SET lock_timeout = {max(1, int(busy_timeout * 1000))}")
-        dbapi_conn.commit()
+    lock_timeout = pg_lock_timeout(url, busy_timeout)
+    if lock_timeout is not None:
+        @event.listens_for(engine, "connect")
+        def _pg_connect(dbapi_conn, _record):  # pragma: no cover - exercised by every PostgreSQL test
+            # A statement that waits longer than busy_timeout for a lock another
+            # session holds (an operator's open transaction, a schema upgrade)
+            # fails as "locked" instead of holding a spool thread, a client
+            # waiting for its 250 and relayd's shutdown for as long as the other
+            # session likes.  A SET rather than the startup "options" parameter,
+            # which PgBouncer refuses (in its session pooling; a SET does not
+            # stay with a client in transaction pooling, where LISTEN fails too).
+            with dbapi_conn.cursor() as cur:
+                cur.execute(f"SET lock_timeout = {lock_timeout}")
+            dbapi_conn.commit()
 
     return engine
 

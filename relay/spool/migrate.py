@@ -50,7 +50,7 @@ def current_revision(conn: Connection) -> str | None:
     return MigrationContext.configure(conn).get_current_revision()
 
 
-def _locked(conn: Connection) -> None:
+def take_migration_lock(conn: Connection) -> None:
     """Take the migration lock (PostgreSQL); the schema work of this
     transaction waits for locks as long as it takes (the spool's connections
     otherwise give up after ``spool.busy_timeout``, see relay.spool.engine):
@@ -66,7 +66,7 @@ def upgrade(engine: Engine, url: str, revision: str = "head") -> tuple[str | Non
         with engine.connect() as conn:
             conn = conn.execution_options(**write_options(conn.dialect.name))
             with conn.begin():
-                _locked(conn)
+                take_migration_lock(conn)
                 before = current_revision(conn)
                 command.upgrade(alembic_config(conn), revision)
                 after = current_revision(conn)
@@ -79,7 +79,7 @@ def downgrade(engine: Engine, url: str, revision: str) -> None:
         with engine.connect() as conn:
             conn = conn.execution_options(**write_options(conn.dialect.name))
             with conn.begin():
-                _locked(conn)
+                take_migration_lock(conn)
                 command.downgrade(alembic_config(conn), revision)
 
 
@@ -109,7 +109,7 @@ def ensure_schema(engine: Engine, url: str, *, initialise: bool = True) -> None:
             with engine.connect() as conn:
                 conn = conn.execution_options(**write_options(conn.dialect.name))
                 with conn.begin():
-                    _locked(conn)
+                    take_migration_lock(conn)
                     current, empty = _schema_state(conn)
     if current == head:
         return

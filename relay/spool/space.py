@@ -71,8 +71,10 @@ class FreeSpaceFloor:
 
     def has_room(self, incoming: int = 0) -> bool:
         """Whether ``incoming`` more bytes leave the floor free (a recent
-        reading; True when the file system cannot be read: the commit's own
-        check, or the write itself, will tell)."""
+        reading; True with a floor of 0, or when the file system cannot be
+        read: the commit's own check, or the write itself, will tell)."""
+        if not self.floor:
+            return True
         try:
             return self.recent_free() - incoming >= self.floor
         except OSError:
@@ -81,7 +83,10 @@ class FreeSpaceFloor:
     def check(self, incoming: int) -> None:
         """SpoolUnavailable ("... is full ...") unless ``incoming`` more bytes
         leave the floor free.  A file system that cannot be read is not a
-        refusal: the write itself will fail if it must."""
+        refusal: the write itself will fail if it must.  A floor of 0
+        refuses nothing."""
+        if not self.floor:
+            return
         try:
             free = self.free()
         except OSError:
@@ -94,9 +99,10 @@ class FreeSpaceFloor:
 
 
 def floor_for_sqlite(url: str, floor: int) -> FreeSpaceFloor | None:
-    """The floor for the file of a ``sqlite:///PATH`` spool (None for a floor
-    of 0, or a database in memory)."""
+    """The floor for the file of a ``sqlite:///PATH`` spool (its file system
+    is measured for /metrics even with a floor of 0), or None for a database
+    in memory."""
     path = sqlite_path(url)
-    if not floor or path is None:
+    if path is None:
         return None
-    return FreeSpaceFloor(os.path.dirname(os.path.abspath(path)) or ".", floor, url=redact_url(url))
+    return FreeSpaceFloor(os.path.dirname(os.path.realpath(path)) or ".", floor, url=redact_url(url))

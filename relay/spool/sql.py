@@ -248,11 +248,10 @@ class SQLSpool:
 
     def _enqueue(self, messages: Sequence[NewMessage], now: float,
                  claim: tuple[str, float] | None) -> tuple[list[str], list[ClaimedMessage]]:
-        self._check_room(messages)
         for attempt in range(3):
             try:
                 with self._write() as conn:
-                    return self._insert(conn, messages, now, claim)
+                    return self._insert(conn, messages, now, claim, check_room=True)
             except IntegrityError:
                 # Another enqueue committed the same idempotency key between
                 # our lookup and our insert: look again.
@@ -262,9 +261,13 @@ class SQLSpool:
         raise AssertionError("unreachable")
 
     def _insert(self, conn: Connection, messages: Sequence[NewMessage], now: float,
-                claim: tuple[str, float] | None = None) -> tuple[list[str], list[ClaimedMessage]]:
+                claim: tuple[str, float] | None = None, *,
+                check_room: bool = False) -> tuple[list[str], list[ClaimedMessage]]:
         """Insert messages and recipients (executemany): the ids in input order,
-        and (with ``claim`` = (node, lease expiry)) the new messages as claimed."""
+        and (with ``claim`` = (node, lease expiry)) the new messages as claimed.
+        ``check_room``: refuse (SpoolUnavailable) new mail that would eat into
+        ``spool.min_free_space`` -- only what is new: a known idempotency key
+        still returns its id."""
         ids: list[str | None] = [None] * len(messages)
         keys = [m.idempotency_key for m in messages if m.idempotency_key]
         known: dict[str, str] = {}
@@ -291,6 +294,8 @@ class SQLSpool:
             message_rows.append(_message_row(qid, msg, now))
             recipient_rows.extend(_recipient_rows(qid, msg, now, state, due, owner, expires))
         claimed: list[ClaimedMessage] = []
+        if check_room:
+            self._check_room([m for _, m in new])
         if message_rows:
             conn.exec_driver_sql(self._insert_messages, message_rows)
             if recipient_rows:

@@ -237,3 +237,54 @@ def test_concurrent_initialisation(spool_url, tmp_path, how):
             assert schema_diff(engine) == []
         finally:
             engine.dispose()
+
+
+@pytest.mark.parametrize("how", ["open_spool", "alembic command line"])
+def test_schema_work_waits_for_another_upgrade_past_the_lock_timeout(pg_url, tmp_path, how):
+    """PostgreSQL: the spool's sessions give up on a lock after spool.busy_timeout,
+    but initialising or upgrading the schema waits for another process's upgrade
+    (the migration lock) as long as it takes, from relay and from `alembic`."""
+    import os
+    import time
+
+    import psycopg
+
+    holder = psycopg.connect("postgresql://postgres@127.0.0.1/test", autocommit=True)
+    holder.execute("SELECT pg_advisory_lock(%s)", (migrate._ADVISORY_LOCK,))
+    result: list = []
+    if how == "open_spool":
+        def work():
+            try:
+                open_spool(pg_url, busy_timeout=0.2).close()
+                result.append("ok")
+            except BaseException as e:  # noqa: BLE001 - reported by the test
+                result.append(e)
+    else:
+        config = tmp_path / "relay.toml"
+        config.write_text('[spool]\nbusy_timeout = "0.2s"\n')
+        env = {**os.environ, "RELAY_CONFIG": str(config), "RELAY_SPOOL_URL": pg_url}
+
+        def work():
+            done = subprocess.run([sys.executable, "-m", "alembic", "upgrade", "head"], cwd=REPO, env=env,
+                                  capture_output=True, text=True, timeout=60)
+            result.append("ok" if done.returncode == 0 else done.stderr)
+    opener = threading.Thread(target=work)
+    try:
+        opener.start()
+        deadline = time.monotonic() + 30
+        while not holder.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                                 "AND NOT granted").fetchone()[0]:
+            assert time.monotonic() < deadline and opener.is_alive(), result
+            time.sleep(0.02)
+        time.sleep(1.0)         # five lock timeouts: it is still waiting
+        assert opener.is_alive(), result
+    finally:
+        holder.execute("SELECT pg_advisory_unlock(%s)", (migrate._ADVISORY_LOCK,))
+        opener.join(60)
+        holder.close()
+    assert result == ["ok"]
+    engine = create_spool_engine(pg_url)
+    try:
+        assert revision(engine) == migrate.head_revision()
+    finally:
+        engine.dispose()

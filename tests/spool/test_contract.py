@@ -600,12 +600,14 @@ def test_free_space_floor_refuses_new_mail_but_not_outcomes_or_bounces(spool_url
     is not visible: the floor is not checked there."""
     spool = open_spool(spool_url, busy_timeout=2.0, min_free_space=1)
     try:
-        qid = enqueue_one(spool, "a@example.org")
+        qid = enqueue_one(spool, "a@example.org", key="first")
         rid = claim_one(spool, "node-a", T0)
         if spool.dialect != "sqlite":
             assert spool.free_space is None
             return
         spool.free_space.floor = 10 ** 18              # more than any file system has free
+        # A client retrying with a key already queued gets its first id: nothing new is written.
+        assert spool.enqueue([new_message("a@example.org", key="first")], T0) == [qid]
         for attempt in (lambda: spool.enqueue([new_message("b@example.org")], T0),
                         lambda: spool.enqueue_claimed([new_message("c@example.org")], T0, "node-a", LEASE),
                         lambda: spool.enqueue([new_message("d@example.org", key="k1")], T0)):

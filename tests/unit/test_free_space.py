@@ -68,14 +68,27 @@ def test_an_unreadable_file_system_is_not_a_refusal():
     assert floor.has_room(MB)
 
 
-def test_floor_for_sqlite_only_for_files_and_a_positive_floor(tmp_path):
+def test_floor_for_sqlite_measures_every_spool_file(tmp_path):
+    """A file-backed SQLite spool always gets a FreeSpaceFloor (for /metrics); a floor of 0 refuses nothing."""
     db = tmp_path / "spool.db"
     made = floor_for_sqlite(f"sqlite:///{db}", 5)
     assert (made.directory, made.floor) == (str(tmp_path), 5)
     assert made.free() > 0                      # a real statvfs of the test's directory
-    assert floor_for_sqlite(f"sqlite:///{db}", 0) is None
+    off = floor_for_sqlite(f"sqlite:///{db}", 0)
+    assert off.floor == 0 and off.free() > 0
+    off.check(10 ** 18)
+    assert off.has_room(10 ** 18)
     assert floor_for_sqlite("sqlite://", 5) is None
     assert floor_for_sqlite("sqlite:///:memory:", 5) is None
+
+
+def test_pg_lock_timeout_is_the_busy_timeout_within_postgresqls_range():
+    from relay.spool.engine import pg_lock_timeout
+    url = "postgresql+psycopg://relay@db.example.com/relay"
+    assert pg_lock_timeout(url, 5.0) == 5000
+    assert pg_lock_timeout(url, 0.0001) == 1                # 0 would mean "no bound"
+    assert pg_lock_timeout(url, 30 * 86400) == 0           # past 2**31-1 ms: no bound rather than an error
+    assert pg_lock_timeout(url + "?options=-c%20lock_timeout%3D100", 5.0) is None   # the URL wins
 
 
 def test_human_size():
