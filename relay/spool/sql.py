@@ -136,8 +136,9 @@ class SQLSpool:
         self.url = url
         self.dialect = engine.dialect.name        # "sqlite" or "postgresql"
         #: SQLite: the free space new mail must leave on the spool's file
-        #: system (``spool.min_free_space``, see relay.spool.space); None on
-        #: PostgreSQL, or when the floor is 0.
+        #: system (``spool.min_free_space``, see relay.spool.space; a floor of
+        #: 0 refuses nothing but is still measured); None on PostgreSQL or for
+        #: a database in memory.
         self.free_space: FreeSpaceFloor | None = (
             floor_for_sqlite(url, min_free_space) if self.dialect == "sqlite" else None)
         self._notify = self.dialect == "postgresql"

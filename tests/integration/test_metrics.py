@@ -112,8 +112,8 @@ class MetricsScenarios:
     @defer.inlineCallbacks
     def assert_503_while_locked(self, lock, unlock, reason: bytes):
         """/healthz says 200; while ``lock()`` holds, 503 with one line naming
-        ``reason``, given by the spool's own bound well within the health
-        timeout (5 s); 200 again after ``unlock()``."""
+        ``reason``, given by the spool's own bound (under a second) well within
+        the health timeout (30 s); 200 again after ``unlock()``."""
         code, _, body = yield fetch(self.base + "/healthz")
         self.assertEqual((code, body), (200, b"ok\n"))
         lock()
@@ -123,7 +123,7 @@ class MetricsScenarios:
         self.assertEqual(code, 503, body)
         self.assertEqual(body.count(b"\n"), 1, body)
         self.assertIn(reason, body.lower())
-        self.assertLess(waited, 4.0, "the ping gave up at the spool's bound, not at the health timeout")
+        self.assertLess(waited, 10.0, "the ping gave up at the spool's bound, not at the health timeout")
         unlock()
         code, _, body = yield fetch(self.base + "/healthz")
         self.assertEqual((code, body), (200, b"ok\n"))
@@ -414,7 +414,7 @@ class MetricsSQLiteTests(MetricsScenarios, unittest.TestCase):
         spool = DeferredSpool(open_spool(self.spool_url, busy_timeout=0.3), reactor)
         spool.start()
         self.addCleanup(spool.stop)
-        self.start_metrics(spool, refresh_interval=60, health_timeout=5.0)
+        self.start_metrics(spool, refresh_interval=60, health_timeout=30.0)
         locker = sqlite3.connect(self.db_path, isolation_level=None, timeout=0.1)
         self.addCleanup(locker.close)
         yield self.assert_503_while_locked(lambda: locker.execute("BEGIN EXCLUSIVE"),
@@ -436,7 +436,7 @@ class MetricsPostgreSQLTests(MetricsScenarios, unittest.TestCase):
         from sqlalchemy import create_engine
         spool = self.open_spool()
         spool.spool.PING_TIMEOUT = 0.5
-        self.start_metrics(spool, refresh_interval=60, health_timeout=5.0)
+        self.start_metrics(spool, refresh_interval=60, health_timeout=30.0)
         locker = create_engine(self.spool_url)
         self.addCleanup(locker.dispose)
         conn = locker.connect()

@@ -1,17 +1,20 @@
 """Every PostgreSQL connection relay opens (the spool engine's pool, the
 direct writer's and the LISTEN connection) has TCP keepalives and a
 ``tcp_user_timeout``, read back from the kernel's socket options; options
-the spool URL sets itself win."""
+the spool URL sets itself win.  The spool's connections also have
+``lock_timeout`` = the busy timeout, read back with SHOW."""
 
 from __future__ import annotations
 
 import os
 import socket
 
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
 from twisted.trial import unittest
 
 from relay.spool import open_spool
-from relay.spool.engine import PG_CONNECTION_OPTIONS, create_spool_engine
+from relay.spool.engine import PG_CONNECTION_OPTIONS, create_spool_engine, pg_lock_timeout
 from relay.testing import CallingReactor, scratch_pg_url
 from relay.wakeup import PostgresNotifyListener
 
@@ -49,9 +52,11 @@ def engine_socket_options(url: str) -> dict[str, int]:
 class KeepaliveTests(unittest.TestCase):
 
     def setUp(self):
-        # 127.0.0.1 in the URL: a TCP connection (libpq ignores these on a Unix socket).
+        # A TCP connection (libpq ignores these options on a Unix socket).
         self.url = scratch_pg_url(self)
-        self.assertIn("127.0.0.1", self.url)
+        host = make_url(self.url).host
+        if not host or host.startswith("/"):
+            raise unittest.SkipTest(f"the test PostgreSQL is reached over a Unix socket ({host!r})")
 
     def test_engine_connections(self):
         self.assertEqual(engine_socket_options(self.url), PG_CONNECTION_OPTIONS)
@@ -76,3 +81,30 @@ class KeepaliveTests(unittest.TestCase):
         self.assertEqual(engine_socket_options(url), expected)
         with PostgresNotifyListener(url, CallingReactor(), lambda: None).connect() as conn:
             self.assertEqual(socket_options(conn), expected)
+
+
+def test_pg_lock_timeout_is_the_busy_timeout_within_postgresqls_range():
+    url = "postgresql+psycopg://relay@db.example.com/relay"
+    assert pg_lock_timeout(url, 5.0) == 5000
+    assert pg_lock_timeout(url, 0.0001) == 1                # 0 would mean "no bound"
+    assert pg_lock_timeout(url, 30 * 86400) == 0           # past 2**31-1 ms: no bound rather than an error
+    assert pg_lock_timeout(url + "?options=-c%20lock_timeout%3D100", 5.0) is None   # the URL wins
+
+
+class LockTimeoutTests(unittest.TestCase):
+
+    def test_spool_connections_have_the_busy_timeout_as_lock_timeout(self):
+        """Pooled and direct-writer connections alike (both come from the engine's pool)."""
+        url = scratch_pg_url(self)
+        for busy, shown in ((0.25, "250ms"), (30 * 86400, "0")):
+            spool = open_spool(url, busy_timeout=busy)
+            try:
+                with spool.engine.connect() as conn:
+                    self.assertEqual(conn.execute(text("SHOW lock_timeout")).scalar(), shown)
+                raw = spool._direct._checkout()
+                try:
+                    self.assertEqual(raw.driver_connection.execute("SHOW lock_timeout").fetchone()[0], shown)
+                finally:
+                    spool._direct._checkin(raw)
+            finally:
+                spool.close()

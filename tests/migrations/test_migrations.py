@@ -249,8 +249,13 @@ def test_schema_work_waits_for_another_upgrade_past_the_lock_timeout(pg_url, tmp
 
     import psycopg
 
-    holder = psycopg.connect("postgresql://postgres@127.0.0.1/test", autocommit=True)
+    from sqlalchemy.engine import make_url
+
+    server = make_url(pg_url).set(drivername="postgresql", query={})
+    holder = psycopg.connect(server.render_as_string(hide_password=False), autocommit=True)
     holder.execute("SELECT pg_advisory_lock(%s)", (migrate._ADVISORY_LOCK,))
+    # pg_locks shows a bigint advisory key as its high and low 32 bits.
+    key = (migrate._ADVISORY_LOCK >> 32, migrate._ADVISORY_LOCK & 0xFFFFFFFF)
     result: list = []
     if how == "open_spool":
         def work():
@@ -272,8 +277,8 @@ def test_schema_work_waits_for_another_upgrade_past_the_lock_timeout(pg_url, tmp
     try:
         opener.start()
         deadline = time.monotonic() + 30
-        while not holder.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
-                                 "AND NOT granted").fetchone()[0]:
+        while not holder.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+                                 "AND classid = %s AND objid = %s AND objsubid = 1", key).fetchone()[0]:
             assert time.monotonic() < deadline and opener.is_alive(), result
             time.sleep(0.02)
         time.sleep(1.0)         # five lock timeouts: it is still waiting

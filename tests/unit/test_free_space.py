@@ -82,15 +82,6 @@ def test_floor_for_sqlite_measures_every_spool_file(tmp_path):
     assert floor_for_sqlite("sqlite:///:memory:", 5) is None
 
 
-def test_pg_lock_timeout_is_the_busy_timeout_within_postgresqls_range():
-    from relay.spool.engine import pg_lock_timeout
-    url = "postgresql+psycopg://relay@db.example.com/relay"
-    assert pg_lock_timeout(url, 5.0) == 5000
-    assert pg_lock_timeout(url, 0.0001) == 1                # 0 would mean "no bound"
-    assert pg_lock_timeout(url, 30 * 86400) == 0           # past 2**31-1 ms: no bound rather than an error
-    assert pg_lock_timeout(url + "?options=-c%20lock_timeout%3D100", 5.0) is None   # the URL wins
-
-
 def test_human_size():
     assert [human_size(n) for n in (512, 37_500_000, 2_500_000_000, 1500)] == [
         "512 bytes", "37.5 MB", "2.5 GB", "1.5 kB"]
