@@ -28,7 +28,9 @@ per connection, or one per login when ``submission.users`` is set) and one
 * Oversize -> 552 (at MAIL with ``SIZE=``, or at the final dot after counting
   the data, which is discarded); content the rules refuse (a line over 998
   octets, bad headers...) -> 501 5.6.0 with the sentence (SPEC "Content":
-  SMTP 501 or 553; RFC 5321 would have 554 at the end of DATA).
+  SMTP 501 or 553; RFC 5321 would have 554 at the end of DATA), after the
+  final dot; the session goes on, also after a data line too long for
+  Twisted's line reader (16 KiB), which is read to its end and left out.
 * STARTTLS (RFC 3207) when ``submission.tls_cert``/``tls_key`` are set
   (:func:`load_submission_tls`).  Whatever the client pipelined after
   STARTTLS in plaintext is discarded, never run after the handshake
@@ -88,7 +90,7 @@ from zope.interface import implementer
 from relay.config import Config, check_tls_pair, parse_hostport, parse_listen
 from relay.errors import BadMessage, CannotListen, ConfigError, SpoolUnavailable
 from relay.logfmt import format_accepted
-from relay.message import parse_submitted, validate_address, validate_sender
+from relay.message import MAX_LINE, parse_submitted, validate_address, validate_sender
 from relay.model import NewMessage
 from relay.sendnow import close_now, flush_now, write_now
 from relay.spool.engine import is_sqlite
@@ -125,6 +127,43 @@ _UNSAFE_IN_LOG = re.compile(r"[^\x21-\x7e]|['\"\\]")
 
 
 @functools.lru_cache(maxsize=1024)
+def drop_long_lines(text: bytes, in_long_line: bool, limit: int) -> tuple[bytes, bytes, bool, bool]:
+    """Take the data lines longer than ``limit`` octets out of one read.
+
+    ``text`` starts at the start of a line, or inside a line already too long
+    when ``in_long_line`` (the previous read ended in it).  Only lines before
+    the final ``.`` line are data; the dot and what follows it are kept as
+    they are.  Returns ``(kept, carry, in_long_line, dropped)``: ``kept`` is
+    ``text`` without the long lines (each with its CRLF); when the read ends
+    inside a long line, ``kept`` holds only whole lines, ``in_long_line`` is
+    True and ``carry`` (a CR that may start the line's CRLF, or nothing)
+    must go in front of the next read.  ``dropped`` says whether anything
+    was taken out.  Lines end at CRLF only, as everywhere in the listener.
+    """
+    dropped = False
+    if in_long_line:
+        end = text.find(b"\r\n")
+        if end < 0:
+            return b"", (b"\r" if text.endswith(b"\r") else b""), True, True
+        text, dropped = text[end + 2:], True
+    if len(text) <= limit:
+        return text, b"", False, dropped
+    lines = text.split(b"\r\n")
+    partial = lines.pop()
+    try:
+        end = lines.index(b".")
+    except ValueError:
+        end = len(lines)
+    data = lines[:end]
+    kept = [line for line in data if len(line) <= limit]
+    dropped = dropped or len(kept) < len(data)
+    if end < len(lines):
+        return b"\r\n".join(kept + lines[end:] + [partial]), b"", False, dropped
+    if len(partial) > limit:
+        return b"".join(line + b"\r\n" for line in kept), (b"\r" if partial.endswith(b"\r") else b""), True, True
+    return b"\r\n".join(kept + [partial]), b"", False, dropped
+
+
 def is_loopback(host: str) -> bool:
     """True for 127.0.0.0/8, ::1 and ::ffff:127.x.y.z (a textual IP address).
 
@@ -609,6 +648,8 @@ class SubmissionProtocol(smtp.ESMTP):
         self._loopback = False
         #: Set by STARTTLS: the rest of the read it came in is plaintext to drop.
         self._drop_lines = False
+        #: DATA: the last read ended inside a line over MAX_LENGTH (dataReceived).
+        self._long_line = False
         #: The current transaction's MAIL had the SMTPUTF8 parameter (RFC 6531).
         self.smtputf8 = False
         self._commit: defer.Deferred | None = None
@@ -700,8 +741,39 @@ class SubmissionProtocol(smtp.ESMTP):
         """Message data in bulk: the lines of a chunk go to the message in one
         call (same rules as Twisted's line-by-line ``dataLineReceived``: dot
         unstuffing, the blank line before a body without headers, SIZE); the
-        final dot and what follows it go the usual way."""
+        final dot and what follows it go the usual way.
+
+        A data line longer than ``MAX_LENGTH`` (16 KiB, where Twisted would
+        drop the connection) is read on to its end and left out, and the
+        message gets 501 5.6.0 after its final dot, as a line over 998 octets
+        does: the session goes on, in step with the client."""
         self._drop_lines = False        # a new read: after STARTTLS, it came through TLS
+        if self.mode == smtp.DATA and not self._holding and not self._refused and (
+                self._long_line or len(self._buffer) + len(data) > self.MAX_LENGTH):
+            data, carry, self._long_line, dropped = drop_long_lines(
+                self._buffer + data, self._long_line, self.MAX_LENGTH)
+            self._buffer = b""
+            if dropped:
+                self._line_too_long()
+            if self._long_line:         # ``data`` is whole lines, without the final dot
+                if data:
+                    self._data_received(data)
+                self._buffer = carry
+                return None
+        return self._data_received(data)
+
+    def _line_too_long(self) -> None:
+        """A data line over ``MAX_LENGTH`` was left out: the message fails."""
+        if self.datafailed:
+            return
+        self.datafailed = smtp.SMTPServerError(501, _reply(
+            f"5.6.0 A line of the message is longer than {MAX_LINE} octets "
+            "(RFC 5322 section 2.1.1); nothing was queued."))
+        for message in getattr(self, "_SMTP__messages", ()):
+            message.connectionLost()
+        self._left_transaction()
+
+    def _data_received(self, data):
         if self.mode != smtp.DATA or self._holding or self._refused or self.datafailed:
             return smtp.ESMTP.dataReceived(self, data)
         messages = self._SMTP__messages
@@ -760,13 +832,15 @@ class SubmissionProtocol(smtp.ESMTP):
         return smtp.ESMTP.lineReceived(self, line)
 
     def lineLengthExceeded(self, line):
+        # A command line over 16 KiB (or a data line in the read that began
+        # DATA, which only a client that did not wait for 354 sends): where
+        # it ends is guesswork (the rest of it would be read as commands), so
+        # close the connection.  The message, if any, is discarded by
+        # connectionLost.  Long data lines otherwise: dataReceived.
         if self.mode == smtp.DATA:
             self.sendCode(501, b"5.6.0 A line of the message is too long; nothing was queued.")
         else:
             self.sendCode(500, b"5.5.2 Line too long.")
-        # Resynchronising with the client after a cut line is guesswork (the
-        # rest of it would be read as commands): close the connection.  The
-        # message, if any, is discarded by connectionLost.
         self._buffer = b""
         self.transport.loseConnection()
 

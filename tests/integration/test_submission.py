@@ -535,6 +535,35 @@ class SubmissionScenarios:
         self.assertEqual(empty, (501, b"5.6.0 The message is empty."))
         self.assertEqual(self.messages(), 0)
 
+    @defer.inlineCallbacks
+    def test_a_line_too_long_to_read_as_a_line_gets_501_and_the_session_goes_on(self):
+        """Data lines of 20 KiB and 2 MiB (over Twisted's 16 KiB line limit, and
+        more than the socket buffers hold) -> 501 5.6.0 after the final dot,
+        not a dropped connection; the next message on the connection is queued."""
+        self.start_listener(max_message_size=10_000_000)
+
+        def client():
+            s = self.smtp()
+            try:
+                replies = []
+                for line in (b"b" * 20_000, b"c" * 2_000_000):
+                    s.mail("app@sender.test")
+                    s.rcpt("rcpt@dest.test")
+                    replies.append(s.data(b"Subject: x\r\n\r\nbefore\r\n" + line + b"\r\nafter\r\n"))
+                s.mail("app@sender.test")
+                s.rcpt("rcpt@dest.test")
+                replies.append(s.data(MESSAGE))
+                return replies
+            finally:
+                s.quit()
+
+        twenty_k, two_m, good = yield threads.deferToThread(client)
+        for reply in (twenty_k, two_m):
+            self.assertEqual(reply, (501, b"5.6.0 A line of the message is longer than 998 octets "
+                                          b"(RFC 5322 section 2.1.1); nothing was queued."))
+        self.assertEqual(good[0], 250, good)
+        self.assertEqual(self.messages(), 1)
+
     # -- addresses -------------------------------------------------------
 
     @defer.inlineCallbacks

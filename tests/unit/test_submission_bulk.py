@@ -5,13 +5,15 @@ headers, SIZE, long lines, and commands pipelined after the final dot."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from twisted.internet import defer, task
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 from twisted.mail import smtp
 
-from relay.submission import GroupCommitter, SubmissionFactory, SubmissionProtocol, _Settings
+from relay.submission import GroupCommitter, SubmissionFactory, SubmissionProtocol, _Settings, drop_long_lines
 
 
 class FakeSpool:
@@ -75,13 +77,93 @@ def test_bulk_path_stores_what_the_line_path_stores(name, size):
         assert b"552" in want[0]
 
 
-def test_a_line_over_the_limit_still_closes():
-    """A data line longer than MAX_LENGTH gets 501 5.6.0 (SPEC "Content") and the connection is closed."""
-    wire = ENVELOPE + b"Subject: x\r\n\r\n" + b"z" * (SubmissionProtocol.MAX_LENGTH + 10) + b"\r\n.\r\n"
-    for proto_class in (LineByLine, SubmissionProtocol):
-        replies, data, _, transport = session(proto_class, [wire])
-        assert replies[-1] == b"501" and data == []
-        assert transport.disconnecting
+LONG = b"z" * (SubmissionProtocol.MAX_LENGTH + 10)
+SECOND = b"MAIL FROM:<a@s.test>\r\nRCPT TO:<c@r.test>\r\nDATA\r\nSubject: second\r\n\r\nsecond\r\n.\r\nQUIT\r\n"
+LONG_BODIES = {
+    "one long line": b"Subject: x\r\n\r\n" + LONG + b"\r\nafter\r\n",
+    "long line last": b"Subject: x\r\n\r\nbefore\r\n" + LONG + b"\r\n",
+    "two long lines": b"Subject: x\r\n\r\n" + LONG + b"\r\n" + LONG + b"\r\n.x\r\n",
+    # a long line with a dot and a command past the limit, and bare CR and LF
+    "dot and command inside": b"Subject: x\r\n\r\n" + b"q" * 16384 + b".\rRSET\n" + b"w" * 16390 + b"\r\n",
+    "bare LF dot inside": b"Subject: x\r\n\r\n" + LONG + b"\n.\r\nQUIT\r\n" + LONG + b"\r\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(LONG_BODIES))
+@pytest.mark.parametrize("size", [0, 1, 7, 4096, 16385, 65536])
+def test_a_data_line_over_the_limit_fails_its_message_and_the_session_goes_on(name, size):
+    """A data line longer than MAX_LENGTH (where Twisted drops the connection)
+    is read to its end: the message gets 501 5.6.0 after its final dot (SPEC
+    "Content"), nothing of it is queued, and the next one in the session is."""
+    after_354 = LONG_BODIES[name] + b".\r\n" + SECOND
+    replies, data, _, transport = session(SubmissionProtocol, [ENVELOPE] + cut(after_354, size), max_size=1_000_000)
+    assert replies == [b"220", b"250", b"250", b"250", b"354", b"501", b"250", b"250", b"354", b"250", b"221"]
+    assert b"501 5.6.0 A line of the message is longer than 998 octets" in transport.value()
+    assert data == [b"Subject: second\r\n\r\nsecond\r\n"]
+
+
+def test_a_long_line_after_an_oversize_message_keeps_the_552():
+    body = b"Subject: big\r\n\r\n" + b"y" * 70 + b"\r\n" + LONG + b"\r\n"
+    replies, data, _, _ = session(SubmissionProtocol, [ENVELOPE] + cut(body + b".\r\n" + SECOND, 1000), max_size=60)
+    assert replies[5:] == [b"552", b"250", b"250", b"354", b"250", b"221"]
+    assert data == [b"Subject: second\r\n\r\nsecond\r\n"]
+
+
+def test_a_command_line_over_the_limit_still_closes():
+    """Where a command line over MAX_LENGTH ends is guesswork: 500 and close."""
+    replies, data, _, transport = session(SubmissionProtocol, [b"EHLO c.test\r\nNOOP " + LONG + b"\r\nQUIT\r\n"])
+    assert replies[-1] == b"500" and transport.disconnecting
+
+
+def _drop_all(chunks, limit):
+    """drop_long_lines over a run of reads, as dataReceived calls it: a short
+    last line waits for the next read; after the final dot reads pass as they are."""
+    out, pending, in_long, data_over = [], b"", False, False
+    for chunk in chunks:
+        if data_over:
+            out.append(chunk)
+            continue
+        kept, carry, in_long, _ = drop_long_lines(pending + chunk, in_long, limit)
+        if in_long:
+            out.append(kept)
+            pending = carry
+        elif b"." in kept.split(b"\r\n")[:-1]:
+            out.append(kept)
+            pending, data_over = b"", True
+        else:
+            head, crlf, pending = kept.rpartition(b"\r\n")
+            out.append(head + crlf)
+    return b"".join(out) + pending
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_drop_long_lines_is_the_same_however_the_data_is_cut(seed):
+    """Cut anywhere (also between CR and LF), the reads give what one read gives:
+    the data lines of at most ``limit`` octets, then the final dot and the rest as sent."""
+    rng = random.Random(seed)
+    limit = 20
+    lines = [rng.choice([b"", b".", b"..", b"x" * rng.randrange(60), b"a\rb", b"a\nb", b"\r" * 25])
+             for _ in range(rng.randrange(1, 12))]
+    lines = [line for line in lines if line != b"."]
+    tail = b".\r\n" + b"t" * 30 + b"\r\nQUIT\r\n"
+    text = b"".join(line + b"\r\n" for line in lines) + tail
+    want = b"".join(line + b"\r\n" for line in lines if len(line) <= limit) + tail
+    assert drop_long_lines(text, False, limit)[0] == want
+    points = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randrange(1, 8))))
+    chunks = [text[a:b] for a, b in zip([0] + points, points + [len(text)])]
+    assert _drop_all(chunks, limit) == want
+
+
+def test_drop_long_lines_reports_what_it_did():
+    assert drop_long_lines(b"short\r\nlines\r\n", False, 10) == (b"short\r\nlines\r\n", b"", False, False)
+    assert drop_long_lines(b"ok\r\n" + b"x" * 11 + b"\r\nok2", False, 10) == (b"ok\r\nok2", b"", False, True)
+    # the read ends inside a long line: whole lines only, and the CR that may start its CRLF
+    assert drop_long_lines(b"ok\r\n" + b"x" * 11 + b"\r", False, 10) == (b"ok\r\n", b"\r", True, True)
+    assert drop_long_lines(b"\nnext", True, 10) == (b"", b"", True, True)     # a bare LF ends no line
+    assert drop_long_lines(b"\r\nnext", True, 10) == (b"next", b"", False, True)
+    assert drop_long_lines(b"more of it", True, 10) == (b"", b"", True, True)
+    # after the final dot nothing is data: a long command line is not taken out here
+    assert drop_long_lines(b".\r\n" + b"c" * 11, False, 10) == (b".\r\n" + b"c" * 11, b"", False, False)
 
 
 def test_the_received_field_names_this_relay_and_the_client():
