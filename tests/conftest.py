@@ -108,21 +108,40 @@ def spool(spool_url):
 # -- a per-dialect count at the end of the run (CI must show PostgreSQL ran) --
 
 _DIALECT_COUNTS: dict[str, dict[str, int]] = {}
+_DIALECT_OF: dict[str, str] = {}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        dialect = _dialect_of_item(item)
+        if dialect is not None:
+            _DIALECT_OF[item.nodeid] = dialect
 
 
 def pytest_runtest_logreport(report):
     if report.when != "call" and not (report.when == "setup" and report.outcome != "passed"):
         return
-    dialect = _dialect_of_nodeid(report.nodeid)
+    dialect = _DIALECT_OF.get(report.nodeid)
     if dialect is None:
         return
     counts = _DIALECT_COUNTS.setdefault(dialect, {"passed": 0, "failed": 0, "skipped": 0})
     counts[report.outcome] = counts.get(report.outcome, 0) + 1
 
 
-def _dialect_of_nodeid(nodeid: str) -> str | None:
-    low = nodeid.lower()
-    if "postgresql" in low or "[pg" in low or "pg_url" in low:
+def _dialect_of_item(item) -> str | None:
+    """The spool a test runs on: its ``spool_url`` parameter, else the
+    fixture it takes (``pg_url``, ``sqlite_url``), else what its id says
+    (trial test cases per dialect, the PostgreSQL-only modules)."""
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and callspec.params.get("spool_url") in ("sqlite", "postgresql"):
+        return callspec.params["spool_url"]
+    names = getattr(item, "fixturenames", ())
+    if "pg_url" in names:
+        return "postgresql"
+    if "sqlite_url" in names:
+        return "sqlite"
+    low = item.nodeid.lower()
+    if "postgres" in low or "[pg" in low or "/test_pg_" in low:
         return "postgresql"
     if "sqlite" in low:
         return "sqlite"

@@ -203,6 +203,7 @@ class RecipientRow:
     state: str
     lease_owner: str | None
     attempts: int
+    queue_id: str            # its message's queue id (the spool's message id)
 
 
 class SpoolReader:
@@ -217,12 +218,12 @@ class SpoolReader:
         return dict(self.spool.status(time.time()).recipients)
 
     def rows(self) -> list[RecipientRow]:
-        """Every recipient with its message's Message-ID, state and lease owner."""
+        """Every recipient with its message's Message-ID, state, lease owner and queue id."""
         from sqlalchemy import select
         from relay.spool.schema import messages as M, recipients as R
         with self.spool.engine.connect() as conn:
             rows = conn.execute(select(M.c.message_id_header, R.c.address, R.c.state, R.c.lease_owner,
-                                       R.c.attempts).join(M, M.c.id == R.c.message_id)).all()
+                                       R.c.attempts, M.c.id).join(M, M.c.id == R.c.message_id)).all()
         return [RecipientRow(*row) for row in rows]
 
     def close(self) -> None:

@@ -17,11 +17,12 @@ from relay.wakeup import CHANNEL, PostgresNotifyListener
 
 
 def _backend(conninfo: str, application_name: str) -> tuple[int, str] | None:
-    """(pid, last query) of the other session with that application_name."""
-    with psycopg.connect(conninfo, autocommit=True) as conn:
-        return conn.execute("SELECT pid, query FROM pg_stat_activity "
-                            "WHERE application_name = %s AND pid <> pg_backend_pid()",
-                            [application_name]).fetchone()
+    """(pid, last query) of the newest session with that application_name.
+    The probe names itself otherwise, so that neither it nor an earlier
+    probe's session, still ending, can be taken for the listener's."""
+    with psycopg.connect(conninfo, autocommit=True, application_name="relay-listen-probe") as conn:
+        return conn.execute("SELECT pid, query FROM pg_stat_activity WHERE application_name = %s "
+                            "ORDER BY backend_start DESC LIMIT 1", [application_name]).fetchone()
 
 
 class PostgresNotifyListenerTests(unittest.TestCase):
