@@ -122,8 +122,11 @@ def default_spool_url() -> str:
 
 
 def redact_url(url: str) -> str:
-    """The spool URL without its password (SPEC: status shows the URL without it)."""
-    return re.sub(r"^([a-z0-9+.-]+://[^:/@]*):[^@/]*@", r"\1:***@", url, flags=re.I)
+    """The spool URL without its password (SPEC: status shows the URL without
+    it): the one after the user name, read as SQLAlchemy reads it (everything
+    up to ``@``, ``/`` included), and a libpq ``password`` query parameter."""
+    url = re.sub(r"^([a-z0-9+.-]+://[^:/@]*):[^@]*@", r"\1:***@", url, flags=re.I)
+    return re.sub(r"([?&]password=)[^&]*", r"\1***", url, flags=re.I)
 
 
 @dataclass(frozen=True, slots=True)

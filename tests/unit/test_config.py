@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from relay.config import Route, load_config, parse_listen
+from relay.config import Route, load_config, parse_listen, redact_url
 from relay.errors import ConfigError
 
 
@@ -135,3 +135,19 @@ def test_parse_listen_maps_localhost_to_loopback():
     assert parse_listen("[::1]:2525", "submission.listen") == ("::1", 2525)
     with pytest.raises(ConfigError, match=r"^submission.listen must name an IP address or localhost, not 'sub.invalid'.$"):
         parse_listen("sub.invalid:2525", "submission.listen")
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("postgresql+psycopg://relay:s3cret@db.example/relay", "postgresql+psycopg://relay:***@db.example/relay"),
+    # SQLAlchemy reads everything up to "@" as the password, "/" included
+    ("postgresql+psycopg://relay:se/cr:et@db.example:5432/relay", "postgresql+psycopg://relay:***@db.example:5432/relay"),
+    ("postgresql+psycopg://relay@db.example/relay?password=s3cret&sslmode=require",
+     "postgresql+psycopg://relay@db.example/relay?password=***&sslmode=require"),
+    ("postgresql+psycopg://relay:a@db.example/relay?sslmode=require&PASSWORD=b",
+     "postgresql+psycopg://relay:***@db.example/relay?sslmode=require&PASSWORD=***"),
+    ("postgresql+psycopg://db.example:5432/relay", "postgresql+psycopg://db.example:5432/relay"),
+    ("sqlite:////var/spool/relay/spool.db", "sqlite:////var/spool/relay/spool.db"),
+])
+def test_redact_url_hides_every_password(url, shown):
+    """SPEC: status shows the spool URL without its password; so do errors and relayd's start line."""
+    assert redact_url(url) == shown
