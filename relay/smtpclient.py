@@ -527,6 +527,19 @@ class _RelayClient(smtp.ESMTPClient):
         if self._cfg.credentials is None:
             self.smtpState_from(code, resp)
             return
+        if not self._tlsMode and self._cfg.tls != "none":
+            # Opportunistic TLS did not happen (not offered, or refused): the
+            # password stays home, as with Postfix's default
+            # smtp_sasl_security_options = noplaintext.  tls = "none" on the
+            # route sends it in plaintext (SPEC "TLS").
+            self._end(
+                454,
+                f"4.7.0 {self._cfg.peer} did not start TLS, and credentials are not sent "
+                'in plaintext unless the route says tls = "none"',
+                try_next=True,
+                quit=True,
+            )
+            return
         self._stage = "AUTH"
         auth = self.extensions.get("AUTH")
         # ESMTPClient.authenticate reads bytes keys (b"AUTH") and falls back

@@ -518,6 +518,34 @@ class HostFailureTests(SynchronousTestCase):
         s.server(b"454 4.7.0 TLS not available")
         self.assertEqual(s.commands(), [b"MAIL FROM:<s@a.test>"])
 
+    def test_opportunistic_credentials_are_not_sent_in_plaintext(self):
+        """tls=opportunistic with credentials: when TLS does not start (not offered,
+        or STARTTLS refused), AUTH is not sent; a 4.7.0 host failure (the next
+        address may offer TLS), never unauthenticated mail (SPEC "TLS": only
+        "none" sends AUTH in plaintext)."""
+        for greeting, starttls_reply in (((b"250-mx", b"250 AUTH PLAIN LOGIN"), None),
+                                         ((b"250-mx", b"250-STARTTLS", b"250 AUTH PLAIN"), b"454 4.7.0 not now")):
+            s = Session([envelope()], tls="opportunistic", credentials=("user", "s3cret")).ready(*greeting)
+            if starttls_reply:
+                self.assertEqual(s.commands(), [b"STARTTLS"])
+                s.server(starttls_reply)
+            self.assertEqual(s.commands(), [b"QUIT"])
+            s.close_if_asked()
+            end = s.end()
+            failure = end.host_failure
+            self.assertEqual((failure.code, failure.try_next_host), (454, True))
+            self.assertTrue(failure.text.startswith("4.7.0 mx.b.test[") and "plaintext" in failure.text, failure)
+            self.assertNotIn("s3cret", repr(end))
+            self.assertEqual(s.pulls, 0)
+
+    def test_opportunistic_credentials_go_once_tls_is_up(self):
+        s = Session([envelope()], tls="opportunistic", credentials=("user", "pw")).ready(b"250-mx", b"250 STARTTLS")
+        self.assertEqual(s.commands(), [b"STARTTLS"])
+        s.server(b"220 go ahead")
+        self.assertEqual(s.commands(), [b"EHLO relay.test"])
+        s.server(b"250-mx", b"250 AUTH PLAIN")
+        self.assertEqual(s.commands(), [b"AUTH PLAIN " + base64.b64encode(b"user\0user\0pw")])
+
     def test_auth_refused(self):
         """A refused AUTH is a temporary 4.7.0 host failure that does not leak the password."""
         s = Session([envelope()], credentials=("user", "s3cret")).ready(b"250-mx", b"250 AUTH LOGIN PLAIN")
