@@ -682,6 +682,85 @@ class TestOutcomes:
         assert [[r["Final-Recipient"] for r in dsn_fields(m)["recipients"]] for m in dsns] == [
             ["rfc822; a1@x.test", "rfc822; a2@x.test"], ["rfc822; b1@x.test", "rfc822; b2@x.test"]]
 
+    def test_one_dsn_for_a_message_whose_recipients_bounce_at_two_domains(self):
+        """SPEC "Bounces": recipients of a message that bounce in the same attempt
+        get one DSN, also when they went to two destinations: the first bounce
+        waits (outcome and DSN together) until the other destination has answered."""
+        h = Harness()
+        h.spool.add(make_message("a@x.test", "b@y.test", "c@z.test"))
+        h.start()
+        sx, sy, sz = sorted(h.opener.sessions, key=lambda s: s.host_name)
+        sx.pull()
+        sx.answer(code=550, text="5.1.1 no such user")
+        sx.end()
+        h.settle()
+        assert h.spool.records == [] and h.spool.dsns == []          # b and c are still being tried
+        sz.deliver_all()
+        h.settle()
+        assert [o.state for o in h.spool.outcomes] == [State.DELIVERED]   # c recorded; a still waits
+        sy.pull()
+        sy.answer(code=554, text="5.7.1 rejected")
+        sy.end()
+        h.settle()
+        h.clock.advance(1)                      # past the flush interval
+        (bounce,) = h.spool.dsns
+        assert [r["Final-Recipient"] for r in dsn_fields(bounce)["recipients"]] == ["rfc822; a@x.test",
+                                                                                   "rfc822; b@y.test"]
+        assert h.spool.outcome("a@x.test").state is State.BOUNCED
+        assert h.spool.outcome("b@y.test").state is State.BOUNCED
+        # the bounces and their DSN went in one record
+        (rec,) = [r for r in h.spool.records if r.new_messages]
+        assert {h.spool.recipients[o.recipient_id].address for o in rec.outcomes} == {"a@x.test", "b@y.test"}
+        assert h.is_idle()
+
+    def test_one_dsn_for_more_than_100_recipients_bounced_at_one_domain(self):
+        """150 recipients at one domain (claimed together) go in two transactions;
+        a routing failure, or 5xx to both on two connections, still gives the
+        sender one DSN listing all 150."""
+        h = Harness()
+        h.router.failures["x.test"] = RoutingFailure(550, "5.1.2 Domain x.test does not exist (NXDOMAIN)", True)
+        h.spool.add(make_message(*[f"r{i}@x.test" for i in range(150)]))
+        h.start()
+        h.settle()
+        (bounce,) = h.spool.dsns
+        assert len(dsn_fields(bounce)["recipients"]) == 150
+        h = Harness(per_domain_concurrency=2, batch_size=200)
+        h.spool.add(make_message(*[f"r{i}@x.test" for i in range(150)]))
+        h.start()
+        first = h.opener.sessions[0]
+        first.pull()
+        first.answer(code=550, text="5.1.1 no such user")      # the first transaction: 100
+        h.settle()
+        h.clock.advance(1)
+        assert h.spool.dsns == [] and len(h.opener.live()) == 2   # the second connection has the other 50
+        h.drive(code=550)
+        h.clock.advance(1)
+        (bounce,) = h.spool.dsns
+        assert len(dsn_fields(bounce)["recipients"]) == 150
+        assert len([o for o in h.spool.outcomes if o.state is State.BOUNCED]) == 150
+
+    def test_a_bounce_waiting_for_its_siblings_is_recorded_at_shutdown(self):
+        """Stopping does not wait for a DSN's siblings: what bounced is recorded
+        with its DSN, the sibling that never started is released."""
+        h = Harness()
+        h.router.destinations["y.test"] = one_host("y.test")
+        h.spool.add(make_message("a@x.test", "b@y.test"))
+        h.start()
+        sx, sy = sorted(h.opener.sessions, key=lambda s: s.host_name)
+        sx.pull()
+        sx.answer(code=550, text="5.1.1 no such user")
+        sx.end()
+        h.settle()
+        assert h.spool.records == []
+        d = h.drain.stopService()
+        sy.fail_host()
+        h.settle()
+        h.clock.advance(1)
+        assert d.called
+        assert h.spool.outcome("a@x.test").state is State.BOUNCED
+        (bounce,) = h.spool.dsns
+        assert [r["Final-Recipient"] for r in dsn_fields(bounce)["recipients"]] == ["rfc822; a@x.test"]
+
     def test_null_sender_message_never_causes_a_dsn(self):
         """A bounce of a message from <> is recorded but produces no DSN."""
         h = Harness()
