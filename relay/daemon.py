@@ -15,8 +15,16 @@ from relay import __version__
 from relay.errors import RelayError
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors exit 64 (EX_USAGE) with one sentence, as relayctl's and
+    relayd's configuration errors do, not argparse's 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(64, f"relayd: {message.rstrip('.')}; see `relayd --help`.\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="relayd",
         description="Deliver the relay spool: claim due recipients, look up MX hosts, "
                     "deliver over SMTP, retry temporary failures and bounce permanent ones. "

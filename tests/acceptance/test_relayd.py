@@ -463,3 +463,14 @@ def test_sigkill_with_the_listener_loses_no_accepted_message(spool_url, tmp_path
     assert duplicates <= inflight_at_kill and all(arrivals[m] == 2 for m in duplicates)
     print(f"\n[{spool_url.split(':')[0]}] accepted {len(accepted_at_kill)}, arrived before kill "
           f"{len(arrived_at_kill)}, in flight at kill {len(inflight_at_kill)}, duplicates {len(duplicates)}")
+
+
+def test_a_bad_command_line_exits_64_with_one_sentence():
+    """relayd's usage errors are EX_USAGE (64), like its configuration errors, not argparse's 2."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "relay.daemon", "--bogus"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 64
+    assert out.stdout == ""
+    assert out.stderr == "relayd: unrecognized arguments: --bogus; see `relayd --help`.\n"
