@@ -132,10 +132,10 @@ class DrainService(service.Service):
         self._outbox: list[Outcome] = []
         self._dsn_box: list[NewMessage] = []     # DSNs built, waiting to be recorded
         #: Recipients that bounced and are not recorded yet, per message id:
-        #: (message, failures, when, their recipient ids).  One DSN per message
-        #: for all of them (SPEC "Bounces"), built when their outcomes are
-        #: recorded (_flush), in the same transaction.
-        self._bouncing: dict[str, tuple[ClaimedMessage, list[dsn.FailedRecipient], float, set[int]]] = {}
+        #: (message, failures, when).  One DSN per message for all of them
+        #: (SPEC "Bounces"), built when their outcomes are recorded (_flush),
+        #: in the same transaction.
+        self._bouncing: dict[str, tuple[ClaimedMessage, list[dsn.FailedRecipient], float]] = {}
         self._flushing: defer.Deferred | None = None
         self._flush_call = None
         self._renewal: task.LoopingCall | None = None
@@ -359,8 +359,7 @@ class DrainService(service.Service):
             self._log_attempt(message.id, r, None, now, r.attempts, State.BOUNCED, EXPIRED_CODE, EXPIRED_TEXT)
         self._queue_outcomes(outcomes, message, [
             dsn.FailedRecipient(address=r.address, status="4.4.7",
-                                diagnostic=None, remote_mta=None) for r in expired], now,
-            {r.id for r in expired})
+                                diagnostic=None, remote_mta=None) for r in expired], now)
 
     # -- dispatching ----------------------------------------------------
 
@@ -568,7 +567,6 @@ class DrainService(service.Service):
         relay_label = logfmt.relay_label(host, address, port) if host and address else None
         outcomes: list[Outcome] = []
         failed: list[dsn.FailedRecipient] = []
-        failed_ids: set[int] = set()
         for result in results:
             r = result.recipient
             code, text = result.code, result.text
@@ -577,7 +575,6 @@ class DrainService(service.Service):
             if state is State.DEFERRED:
                 if backoff.is_expired(r.queued_at, now, self.config.max_lifetime):
                     state = State.BOUNCED
-                    failed_ids.add(r.id)
                     failed.append(dsn.FailedRecipient(address=r.address, status="4.4.7",
                                                       diagnostic=replies.reply_line(code, text),
                                                       remote_mta=host))
@@ -586,14 +583,13 @@ class DrainService(service.Service):
                         r.attempts + 1, now=now, queued_at=r.queued_at, initial=self.config.retry_initial,
                         maximum=self.config.retry_maximum, max_lifetime=self.config.max_lifetime, rng=self.rng)
             elif state is State.BOUNCED:
-                failed_ids.add(r.id)
                 failed.append(dsn.FailedRecipient(address=r.address, status=replies.enhanced_status(code, text),
                                                   diagnostic=replies.reply_line(code, text), remote_mta=host))
             outcomes.append(Outcome(recipient_id=r.id, state=state, code=code, response=text,
                                     host=relay_label or host, next_attempt_at=next_at))
             self._log_attempt(message.id, r, relay_label, now, r.attempts + 1, state, code, text,
                               possible_duplicate=result.possible_duplicate)
-        self._queue_outcomes(outcomes, message, failed, now, failed_ids)
+        self._queue_outcomes(outcomes, message, failed, now)
 
     def _bounce(self, message: ClaimedMessage, failed: list[dsn.FailedRecipient], now: float) -> list[NewMessage]:
         """The DSN for recipients that failed together; none for a null-sender message."""
@@ -625,17 +621,16 @@ class DrainService(service.Service):
             possible_duplicate=possible_duplicate))
 
     def _queue_outcomes(self, outcomes: list[Outcome], message: ClaimedMessage,
-                        failed: list[dsn.FailedRecipient], now: float, failed_ids: set[int]) -> None:
+                        failed: list[dsn.FailedRecipient], now: float) -> None:
         """Queue outcomes for the next record; ``failed`` (the bounced
-        recipients of ``message``, ids ``failed_ids``) joins the message's one DSN."""
+        recipients of ``message``) joins the message's one DSN."""
         self._outbox.extend(outcomes)
         if failed and message.sender:
             pending = self._bouncing.get(message.id)
             if pending is None:
-                self._bouncing[message.id] = (message, list(failed), now, set(failed_ids))
+                self._bouncing[message.id] = (message, list(failed), now)
             else:
                 pending[1].extend(failed)
-                pending[3].update(failed_ids)
         if self._flushing is None and self._flush_call is None:
             self._flush_call = self.reactor.callLater(self.flush_delay, self._flush)
 
@@ -645,7 +640,7 @@ class DrainService(service.Service):
             return self._flushing
         batch, self._outbox, bounces, self._bouncing = self._hold_back_bounces()
         dsns, self._dsn_box = self._dsn_box, []
-        for message, failed, bounced_at, _ids in bounces:
+        for message, failed, bounced_at in bounces:
             dsns.extend(self._bounce(message, failed, bounced_at))
         if not (batch or dsns):
             return None         # all held back: the outcomes still to come will flush
@@ -701,19 +696,13 @@ class DrainService(service.Service):
             return outbox, [], list(bouncing.values()), {}
         outcome_ids = {o.recipient_id for o in outbox}
         being_tried = {r.message_id for r in self._claimed.values() if r.id not in outcome_ids}
-        held: dict = {}
-        held_ids: set[int] = set()
-        now = []
-        for message_id, entry in bouncing.items():
-            if message_id in being_tried:
-                held[message_id] = entry
-                held_ids |= entry[3]
-            else:
-                now.append(entry)
-        if not held_ids:
+        held = {mid: entry for mid, entry in bouncing.items() if mid in being_tried}
+        now = [entry for mid, entry in bouncing.items() if mid not in held]
+        if not held:
             return outbox, [], now, {}
-        return ([o for o in outbox if o.recipient_id not in held_ids],
-                [o for o in outbox if o.recipient_id in held_ids], now, held)
+        waits = [o.state is State.BOUNCED and getattr(self._claimed.get(o.recipient_id), "message_id", None) in held
+                 for o in outbox]
+        return ([o for o, w in zip(outbox, waits) if not w], [o for o, w in zip(outbox, waits) if w], now, held)
 
     @defer.inlineCallbacks
     def _flush_all(self):

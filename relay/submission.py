@@ -121,12 +121,14 @@ _MAIL_RE = re.compile(rb"FROM:[ \t]*<(?P<path>[^<>]*)>(?P<params>(?:[ \t]+.*)?)\
 _RCPT_RE = re.compile(rb"TO:[ \t]*<(?P<path>[^<>]*)>(?P<params>(?:[ \t]+.*)?)\Z", re.I | re.S)
 _PARAM_RE = re.compile(rb"(?P<key>[A-Za-z0-9][A-Za-z0-9-]*)(?:=(?P<value>[\x21-\x3c\x3e-\x7e]+))?\Z")
 _HELO_UNSAFE = re.compile(r"[^\x21-\x7e]|[()\\]")
+#: The reply to a message with a data line too long for Twisted's line reader.
+_LONG_LINE = (f"5.6.0 A line of the message is longer than {MAX_LINE} octets "
+              "(RFC 5322 section 2.1.1); nothing was queued.").encode()
 #: What a client-chosen name may not carry into a log line: anything but
 #: printable ASCII, and quotes and backslashes.
 _UNSAFE_IN_LOG = re.compile(r"[^\x21-\x7e]|['\"\\]")
 
 
-@functools.lru_cache(maxsize=1024)
 def drop_long_lines(text: bytes, in_long_line: bool, limit: int) -> tuple[bytes, bytes, bool, bool]:
     """Take the data lines longer than ``limit`` octets out of one read.
 
@@ -164,6 +166,7 @@ def drop_long_lines(text: bytes, in_long_line: bool, limit: int) -> tuple[bytes,
     return b"\r\n".join(kept + [partial]), b"", False, dropped
 
 
+@functools.lru_cache(maxsize=1024)
 def is_loopback(host: str) -> bool:
     """True for 127.0.0.0/8, ::1 and ::ffff:127.x.y.z (a textual IP address).
 
@@ -766,9 +769,7 @@ class SubmissionProtocol(smtp.ESMTP):
         """A data line over ``MAX_LENGTH`` was left out: the message fails."""
         if self.datafailed:
             return
-        self.datafailed = smtp.SMTPServerError(501, _reply(
-            f"5.6.0 A line of the message is longer than {MAX_LINE} octets "
-            "(RFC 5322 section 2.1.1); nothing was queued."))
+        self.datafailed = smtp.SMTPServerError(501, _LONG_LINE)
         for message in getattr(self, "_SMTP__messages", ()):
             message.connectionLost()
         self._left_transaction()
@@ -785,9 +786,7 @@ class SubmissionProtocol(smtp.ESMTP):
             end = lines.index(b".")
         except ValueError:
             end = -1
-        body = lines if end < 0 else lines[:end]
-        if (end < 0 and len(partial) > self.MAX_LENGTH) or any(len(line) > self.MAX_LENGTH for line in body):
-            return smtp.ESMTP.dataReceived(self, data)      # lineLengthExceeded, as usual
+        body = lines if end < 0 else lines[:end]      # no line over MAX_LENGTH: dataReceived took them out
         self.resetTimeout()
         if body:
             body = [line[1:] if line[:1] == b"." else line for line in body]
@@ -838,7 +837,7 @@ class SubmissionProtocol(smtp.ESMTP):
         # close the connection.  The message, if any, is discarded by
         # connectionLost.  Long data lines otherwise: dataReceived.
         if self.mode == smtp.DATA:
-            self.sendCode(501, b"5.6.0 A line of the message is too long; nothing was queued.")
+            self.sendCode(501, _LONG_LINE)
         else:
             self.sendCode(500, b"5.5.2 Line too long.")
         self._buffer = b""
