@@ -131,7 +131,9 @@ def pytest_runtest_logreport(report):
 def _dialect_of_item(item) -> str | None:
     """The spool a test runs on: its ``spool_url`` parameter, else the
     fixture it takes (``pg_url``, ``sqlite_url``), else what its id says
-    (trial test cases per dialect, the PostgreSQL-only modules)."""
+    (trial test cases per dialect, the test classes of the PostgreSQL-only
+    modules), read before any parameter id: a parameter that merely names a
+    database (a URL to redact, say) does not make a spool test."""
     callspec = getattr(item, "callspec", None)
     if callspec is not None and callspec.params.get("spool_url") in ("sqlite", "postgresql"):
         return callspec.params["spool_url"]
@@ -140,8 +142,8 @@ def _dialect_of_item(item) -> str | None:
         return "postgresql"
     if "sqlite_url" in names:
         return "sqlite"
-    low = item.nodeid.lower()
-    if "postgres" in low or "[pg" in low or "/test_pg_" in low:
+    low = item.nodeid.split("[", 1)[0].lower()
+    if "postgres" in low or (getattr(item, "cls", None) is not None and "/test_pg_" in low):
         return "postgresql"
     if "sqlite" in low:
         return "sqlite"

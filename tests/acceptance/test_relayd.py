@@ -465,12 +465,9 @@ def test_sigkill_with_the_listener_loses_no_accepted_message(spool_url, tmp_path
           f"{len(arrived_at_kill)}, in flight at kill {len(inflight_at_kill)}, duplicates {len(duplicates)}")
 
 
-def test_a_bad_command_line_exits_64_with_one_sentence():
+def test_a_bad_command_line_exits_64_with_one_sentence(procs):
     """relayd's usage errors are EX_USAGE (64), like its configuration errors, not argparse's 2."""
-    import subprocess
-    import sys
-    out = subprocess.run([sys.executable, "-m", "relay.daemon", "--bogus"], capture_output=True, text=True,
-                         timeout=60)
-    assert out.returncode == 64
-    assert out.stdout == ""
-    assert out.stderr == "relayd: unrecognized arguments: --bogus; see `relayd --help`.\n"
+    relayd = procs.start([sys.executable, "-m", "relay.daemon", "--bogus"], "relayd-usage")
+    assert relayd.wait(20) == 64
+    assert relayd.stdout() == ""
+    assert relayd.stderr() == "relayd: unrecognized arguments: --bogus; see `relayd --help`.\n"

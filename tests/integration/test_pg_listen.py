@@ -42,7 +42,7 @@ class PostgresNotifyListenerTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_notify_wakes_and_a_quiet_connection_is_checked(self):
-        with psycopg.connect(self.plain, autocommit=True) as conn:
+        with psycopg.connect(self.plain, autocommit=True, application_name="relay-listen-probe") as conn:
             conn.execute(f"NOTIFY {CHANNEL}")
         self.assertTrue(self.wakes.acquire(timeout=10))
         pid, _ = yield wait_until(lambda: _backend(self.plain, self.name), timeout=10)
@@ -53,10 +53,10 @@ class PostgresNotifyListenerTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_a_session_ended_by_the_server_is_replaced(self):
         pid, _ = yield wait_until(lambda: _backend(self.plain, self.name), timeout=10)
-        with psycopg.connect(self.plain, autocommit=True) as conn:
+        with psycopg.connect(self.plain, autocommit=True, application_name="relay-listen-probe") as conn:
             conn.execute("SELECT pg_terminate_backend(%s)", [pid])
         self.assertTrue(self.wakes.acquire(timeout=15), "a wake-up after listening again")
         yield wait_until(lambda: (b := _backend(self.plain, self.name)) and b[0] != pid, timeout=10)
-        with psycopg.connect(self.plain, autocommit=True) as conn:
+        with psycopg.connect(self.plain, autocommit=True, application_name="relay-listen-probe") as conn:
             conn.execute(f"NOTIFY {CHANNEL}")
         self.assertTrue(self.wakes.acquire(timeout=10), "NOTIFY heard on the new session")

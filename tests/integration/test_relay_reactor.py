@@ -236,7 +236,8 @@ def test_output_of_a_timed_call_leaves_before_the_reactor_waits():
             p.transport.loseConnection()   # after the turn: the batch goes first
         p.transport.reactor.callLater(0, later)
 
-    data, _, _ = serve(script, quiet_after=2.0)    # a batch left for the next event would come too late
+    # a batch left for the next event would wait for the reactor's TIMEOUT (10 s) stop
+    data, _, _ = serve(script, quiet_after=5.0)
     assert data == b"250 later\r\n"
 
 

@@ -59,7 +59,7 @@ def test_ping_takes_the_write_lock_and_writes_nothing(tmp_path):
         started = time.monotonic()
         with pytest.raises(SpoolUnavailable, match="is locked by another process"):
             spool.ping()
-        assert time.monotonic() - started < 2.0
+        assert time.monotonic() - started < 10.0     # the busy timeout, not the other connection's pleasure
         other.execute("ROLLBACK")
         spool.ping()
         assert not spool._write_lock.locked()

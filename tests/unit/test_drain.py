@@ -714,8 +714,9 @@ class TestOutcomes:
         assert h.is_idle()
 
     def test_one_dsn_for_more_than_100_recipients_bounced_at_one_domain(self):
-        """150 recipients at one domain (claimed together) go in two transactions;
-        a routing failure, or 5xx to both on two connections, still gives the
+        """150 recipients at one domain go in two transactions: a routing
+        failure (claims of 100 and 50, failed in one record), or 5xx to both
+        transactions on two connections (claimed together), still gives the
         sender one DSN listing all 150."""
         h = Harness()
         h.router.failures["x.test"] = RoutingFailure(550, "5.1.2 Domain x.test does not exist (NXDOMAIN)", True)
@@ -760,6 +761,9 @@ class TestOutcomes:
         assert h.spool.outcome("a@x.test").state is State.BOUNCED
         (bounce,) = h.spool.dsns
         assert [r["Final-Recipient"] for r in dsn_fields(bounce)["recipients"]] == ["rfc822; a@x.test"]
+        assert [h.spool.recipients[i].address for i in h.spool.released_ids] == ["b@y.test"]
+        claimed_union_check(h)
+        assert h.is_idle()
 
     def test_null_sender_message_never_causes_a_dsn(self):
         """A bounce of a message from <> is recorded but produces no DSN."""

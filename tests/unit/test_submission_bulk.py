@@ -115,43 +115,41 @@ def test_a_command_line_over_the_limit_still_closes():
     assert replies[-1] == b"500" and transport.disconnecting
 
 
-def _drop_all(chunks, limit):
-    """drop_long_lines over a run of reads, as dataReceived calls it: a short
-    last line waits for the next read; after the final dot reads pass as they are."""
-    out, pending, in_long, data_over = [], b"", False, False
-    for chunk in chunks:
-        if data_over:
-            out.append(chunk)
-            continue
-        kept, carry, in_long, _ = drop_long_lines(pending + chunk, in_long, limit)
-        if in_long:
-            out.append(kept)
-            pending = carry
-        elif b"." in kept.split(b"\r\n")[:-1]:
-            out.append(kept)
-            pending, data_over = b"", True
-        else:
-            head, crlf, pending = kept.rpartition(b"\r\n")
-            out.append(head + crlf)
-    return b"".join(out) + pending
+class ShortLines(SubmissionProtocol):
+    """The listener with a 24-octet line limit, so that random data crosses it
+    often (and the session's commands, with a CR cut from its LF, do not)."""
+
+    MAX_LENGTH = 24
 
 
-@pytest.mark.parametrize("seed", range(40))
-def test_drop_long_lines_is_the_same_however_the_data_is_cut(seed):
-    """Cut anywhere (also between CR and LF), the reads give what one read gives:
-    the data lines of at most ``limit`` octets, then the final dot and the rest as sent."""
+@pytest.mark.parametrize("seed", range(60))
+def test_long_lines_are_handled_the_same_however_the_data_is_cut(seed):
+    """The listener's own path, cut anywhere (also between CR and LF): the same
+    replies and queued data as in one read; a message with a line over the
+    limit gets the 501 and the next message in the session is queued."""
     rng = random.Random(seed)
-    limit = 20
-    lines = [rng.choice([b"", b".", b"..", b"x" * rng.randrange(60), b"a\rb", b"a\nb", b"\r" * 25])
+    limit = ShortLines.MAX_LENGTH
+    lines = [rng.choice([b"", b"..", b"x" * rng.randrange(60), b"a\rb", b"\r" * 25, b"y" * 25])
              for _ in range(rng.randrange(1, 12))]
-    lines = [line for line in lines if line != b"."]
+    after_354 = b"Subject: x\r\n\r\n" + b"".join(line + b"\r\n" for line in lines) + b".\r\n" + SECOND
+    whole = session(ShortLines, [ENVELOPE, after_354], max_size=100_000)
+    points = sorted(rng.sample(range(1, len(after_354)), rng.randrange(1, 8)))
+    chunks = [after_354[a:b] for a, b in zip([0] + points, points + [len(after_354)])]
+    cut_up = session(ShortLines, [ENVELOPE] + chunks, max_size=100_000)
+    assert cut_up[:2] == whole[:2]
+    replies, data = whole[:2]
+    if any(len(line) > limit for line in lines):
+        assert replies[5] == b"501" and b"5.6.0 A line of the message is longer than" in whole[3].value()
+        assert data == [b"Subject: second\r\n\r\nsecond\r\n"]
+    assert replies[-4:] == [b"250", b"354", b"250", b"221"]
+
+
+def test_drop_long_lines_takes_out_only_data_lines_over_the_limit():
+    lines = [b"", b"..", b"x" * 30, b"a\rb", b"\r" * 25, b"short"]
     tail = b".\r\n" + b"t" * 30 + b"\r\nQUIT\r\n"
     text = b"".join(line + b"\r\n" for line in lines) + tail
-    want = b"".join(line + b"\r\n" for line in lines if len(line) <= limit) + tail
-    assert drop_long_lines(text, False, limit)[0] == want
-    points = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randrange(1, 8))))
-    chunks = [text[a:b] for a, b in zip([0] + points, points + [len(text)])]
-    assert _drop_all(chunks, limit) == want
+    want = b"".join(line + b"\r\n" for line in lines if len(line) <= 20) + tail
+    assert drop_long_lines(text, False, 20) == (want, b"", False, True)
 
 
 def test_drop_long_lines_reports_what_it_did():
